@@ -1,0 +1,31 @@
+# Each target creates the virtual environment on first use (pinned by requirements.lock).
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test test-all repro bench clean-venv
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+run: $(STAMP)  ## the main job on the embedded default data: ingest MNIST, print its card
+	$(BIN)/robustdata ingest --params params.yaml
+
+test: $(STAMP)  ## the fast test suite
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)  ## every test, the slow ones too
+	$(BIN)/python -m pytest -m ''
+
+repro: $(STAMP)  ## run the DVC pipeline (dvc.yaml)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+bench: $(STAMP)  ## benchmarks -> reports/bench/*.json
+	$(BIN)/python benchmarks/ingest.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from robustdata.cli import app
+
+app()

@@ -1,0 +1,144 @@
+"""`robustdata` command line. Commands run Prefect flows; errors in the input
+print one line naming the file and key and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import robustdata
+from robustdata.errors import RobustDataError
+
+# The machines this runs on have no route to Prefect's telemetry endpoint.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(help="Audit image training sets for backdoor poisons and build robust datasets.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_CODES = {0: "success", 1: "unexpected failure (a bug: please report it with the traceback)",
+              2: "bad input or configuration", 3: "integrity failure: data altered after it was written"}
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drop tracebacks that Prefect logs for user errors: the CLI prints them as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RobustDataError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def run_guarded(command: Callable[[], Any]) -> Any:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_QuietUserErrors())
+    try:
+        return command()
+    except RobustDataError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"robustdata {robustdata.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Exit codes: 0 success, 1 bug, 2 bad input or configuration, 3 integrity failure."""
+
+
+@app.command()
+def ingest(
+    source: Optional[str] = typer.Option(None, help="mnist | torchvision:NAME | imagefolder:PATH | shards:GLOB"),
+    out: Optional[Path] = typer.Option(None, help="Output directory; one subdirectory per split."),
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read the `ingest` section from."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard."),
+    limit: Optional[int] = typer.Option(None, help="At most this many samples per split (quick runs)."),
+    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Allow fetching inputs."),
+    image_mode: Optional[str] = typer.Option(None, help="imagefolder colour mode: auto | L | RGB."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class names (shards without a card)."),
+) -> None:
+    """Ingest a source into webdataset shards + Parquet manifests + dataset cards, then print the card."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params, ingest={
+            "source": source, "out": out, "shard_size": shard_size, "limit": limit, "download": download,
+            "image_mode": image_mode, "classes": classes.split(",") if classes else None})
+        from flows.ingest import ingest_flow
+
+        result = ingest_flow(config.ingest)
+        print_summary(result)
+
+    run_guarded(command)
+
+
+@app.command()
+def card(path: Path = typer.Argument(..., help="An ingest output directory or one split's directory.")) -> None:
+    """Print the dataset card(s) under PATH."""
+    from robustdata.data.manifest import open_dataset
+
+    def command() -> None:
+        roots = sorted(p.parent for p in path.glob("*/card.json")) or [path]
+        for root in roots:
+            print_card(open_dataset(root, verify=False).card)
+
+    run_guarded(command)
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="An ingest output directory or one split's directory.")) -> None:
+    """Check every shard, manifest and image against its recorded sha256."""
+    from robustdata.data.memory import load_in_memory
+    from robustdata.data.stream import ShardStream
+
+    def command() -> None:
+        roots = sorted(p.parent for p in path.glob("*/card.json")) or [path]
+        for root in roots:
+            stream = ShardStream(root)  # checks shard and manifest hashes
+            if stream.dataset.card.get("image_shape"):
+                load_in_memory(stream.dataset, verify=True)  # checks every image's hash
+            else:
+                sum(1 for _ in stream)
+            console.print(f"[green]ok[/] {root}: {len(stream)} samples")
+
+    run_guarded(command)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    from robustdata.data.manifest import open_dataset
+
+    for split in result["splits"]:
+        print_card(open_dataset(split["path"], verify=False).card)
+    console.print(f"wrote {result['out']}")
+
+
+def print_card(card: dict[str, Any]) -> None:
+    table = Table(title=f"{card['name']}/{card['split']}", title_justify="left",
+                  caption=f"{card['num_samples']} samples, {len(card['shards'])} shards, "
+                          f"image (H, W, C) {card['image_shape']}", caption_justify="left")
+    table.add_column("class")
+    table.add_column("name")
+    table.add_column("count", justify="right")
+    for index, (name, count) in enumerate(zip(card["classes"], card["counts_per_class"])):
+        table.add_row(str(index), name, str(count))
+    console.print(table)
+    built = card["built_by"]
+    console.print(f"source {card['inputs']['source']}  manifest sha256 {card['manifest']['sha256'][:16]}  "
+                  f"robustdata {built['robustdata']} (data code {built['data_code_sha256'][:12]})")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""The data layer: sources -> webdataset shards + Parquet manifests + dataset cards."""

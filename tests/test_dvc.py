@@ -1,0 +1,60 @@
+"""`dvc repro` on a fresh copy of the repo, then push to and pull from a local remote."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import tree_digest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The working tree as git would clone it (tracked + untracked-not-ignored files)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def test_dvc_repro_status_push_pull(tmp_path, prefect_server):
+    clone = fresh_copy(tmp_path / "clone")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["ingest"].update(limit=300, shard_size=100)  # a small run of the real stage
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    dvc = [str(BIN / "dvc")]
+
+    run(dvc + ["repro"], clone, env)
+    out = clone / params["ingest"]["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "test", "train", "val"]
+    assert len(list((out / "train").glob("shard-*.tar"))) == 3
+    assert "up to date" in run(dvc + ["status"], clone, env)
+    assert "didn't change, skipping" in run(dvc + ["repro"], clone, env)
+
+    run(dvc + ["remote", "add", "-d", "store", str(tmp_path / "remote")], clone, env)
+    run(dvc + ["push"], clone, env)
+    before = tree_digest(out)
+    shutil.rmtree(out)
+    shutil.rmtree(clone / ".dvc" / "cache")
+    run(dvc + ["pull"], clone, env)
+    assert tree_digest(out) == before
+    assert "up to date" in run(dvc + ["status"], clone, env)
