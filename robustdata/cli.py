@@ -109,7 +109,7 @@ def verify(path: Path = typer.Argument(..., help="An ingest output directory or 
         for root in roots:
             stream = ShardStream(root)  # checks shard and manifest hashes
             if stream.dataset.card.get("image_shape"):
-                load_in_memory(stream.dataset, verify=True)  # checks every image's hash
+                load_in_memory(stream.dataset, verify=True, use_cache=False)  # every image's hash
             else:
                 sum(1 for _ in stream)
             console.print(f"[green]ok[/] {root}: {len(stream)} samples")

@@ -131,3 +131,23 @@ def test_colour_and_mixed_shape_datasets(tmp_path):
     with pytest.raises(DataError, match="differ in shape"):
         load_in_memory(tmp_path / "mixed", progress=False)
     assert len(list(ShardStream(tmp_path / "mixed", transform=lambda s: s.image.shape))) == 7
+
+
+def test_decoded_cache_is_used_and_a_corrupt_cache_is_ignored(mnist_small, tmp_path):
+    _, _, root = mnist_small
+    cache = tmp_path / "cache"
+    first = load_in_memory(root, progress=False, cache_dir=cache)
+    cached_files = list((cache / "decoded").glob("*.npy"))
+    assert len(cached_files) == 1
+    second = load_in_memory(root, progress=False, cache_dir=cache)
+    assert torch.equal(first.images, second.images) and first.keys == second.keys
+    # corrupt the cached pixels: the sidecar hash no longer matches, so it decodes again
+    data = bytearray(cached_files[0].read_bytes())
+    data[-1] ^= 0xFF
+    cached_files[0].write_bytes(bytes(data))
+    third = load_in_memory(root, progress=False, cache_dir=cache)
+    assert torch.equal(first.images, third.images)
+    # without verification the cache is never consulted (its key rests on verified hashes)
+    assert torch.equal(load_in_memory(root, progress=False, cache_dir=tmp_path / "c2", verify=False).images,
+                       first.images)
+    assert not (tmp_path / "c2").exists()

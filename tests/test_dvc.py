@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import tree_digest
@@ -58,3 +59,14 @@ def test_dvc_repro_status_push_pull(tmp_path, prefect_server):
     run(dvc + ["pull"], clone, env)
     assert tree_digest(out) == before
     assert "up to date" in run(dvc + ["status"], clone, env)
+
+
+@pytest.mark.slow
+def test_full_repro_on_fresh_copy_matches_committed_lock(tmp_path, prefect_server):
+    """The committed dvc.lock is reproduced byte for byte: same MNIST, same shards, same hashes."""
+    clone = fresh_copy(tmp_path / "clone")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    run([str(BIN / "dvc"), "repro"], clone, env)
+    assert (clone / "data" / "mnist" / "train" / "card.json").exists()
+    diff = subprocess.run(["git", "diff", "--exit-code", "dvc.lock"], cwd=clone, capture_output=True, text=True)
+    assert diff.returncode == 0, f"dvc.lock changed; rerun `make repro` and commit it:\n{diff.stdout}"

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from robustdata.data.shards import Sample, decode_image, iter_shard_records, decode_record
+from robustdata.data.shards import Sample, decode_image, decode_label, decode_record, iter_shard_records
 from robustdata.errors import DataError, IntegrityError, RobustDataError
 from robustdata.io import atomic_file, read_json, sha256_file
 
@@ -515,8 +515,6 @@ class ShardsSource:
         return None
 
     def _inferred(self) -> list[str]:
-        from robustdata.data.shards import decode_label
-
         top = -1
         for path in self.paths:
             for record in iter_shard_records(path):
