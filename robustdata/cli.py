@@ -126,9 +126,9 @@ def print_summary(result: dict[str, Any]) -> None:
 
 
 def print_card(card: dict[str, Any]) -> None:
-    table = Table(title=f"{card['name']}/{card['split']}", title_justify="left",
-                  caption=f"{card['num_samples']} samples, {len(card['shards'])} shards, "
-                          f"image (H, W, C) {card['image_shape']}", caption_justify="left")
+    console.print(f"[bold]{card['name']}/{card['split']}[/]: {card['num_samples']} samples, "
+                  f"{len(card['shards'])} shards, image (H, W, C) {card['image_shape']}")
+    table = Table()
     table.add_column("class")
     table.add_column("name")
     table.add_column("count", justify="right")
@@ -137,7 +137,7 @@ def print_card(card: dict[str, Any]) -> None:
     console.print(table)
     built = card["built_by"]
     console.print(f"source {card['inputs']['source']}  manifest sha256 {card['manifest']['sha256'][:16]}  "
-                  f"robustdata {built['robustdata']} (data code {built['data_code_sha256'][:12]})")
+                  f"robustdata {built['robustdata']} (data code {built['data_code_sha256'][:12]})", soft_wrap=True)
 
 
 if __name__ == "__main__":
