@@ -85,6 +85,66 @@ def ingest(
     run_guarded(command)
 
 
+TRAIN_KINDS = {"standard": "train_standard", "robust": "train_robust"}
+
+
+@app.command()
+def train(
+    kind: str = typer.Option("standard", help="standard | robust (adversarial training): the params section used."),
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read train_standard / train_robust from."),
+    data: Optional[Path] = typer.Option(None, help="Ingest output with train/ and val/ splits."),
+    out: Optional[Path] = typer.Option(None, help="Output directory for model.pt + model.json."),
+    arch: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | tv:NAME"),
+    epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N images only."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    precision: Optional[str] = typer.Option(None, help="bf16 | fp32"),
+) -> None:
+    """Train a classifier (standard, or adversarially robust with --kind robust)."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        if kind not in TRAIN_KINDS:
+            raise RobustDataError(f"unknown --kind {kind!r}; valid: {sorted(TRAIN_KINDS)}")
+        section = TRAIN_KINDS[kind]
+        config = load_params(params, **{section: {
+            "data": data, "out": out, "arch": arch, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "limit": limit, "seed": seed, "device": device, "precision": precision}})
+        from flows.train import train_flow
+
+        result = train_flow(getattr(config, section))
+        console.print(f"wrote {result['out']}: val accuracy {100 * result['val_accuracy']:.2f}% after "
+                      f"{result['epochs_run']} epochs in {result['train_seconds']:.1f} s of training")
+
+    run_guarded(command)
+
+
+@app.command()
+def evaluate(
+    model: Optional[list[Path]] = typer.Option(None, help="Model directories (repeatable); default from params."),
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read the `evaluate` section from."),
+    data: Optional[Path] = typer.Option(None, help="The test split directory."),
+    limit: Optional[int] = typer.Option(None, help="Images attacked per model."),
+    out: Optional[Path] = typer.Option(None, help="Report directory."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Clean and robust accuracy (PGD with restarts) of trained models; JSON + markdown reports."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params, evaluate={"models": model or None, "data": data, "limit": limit,
+                                               "out": out, "device": device})
+        from flows.train import evaluate_flow
+
+        result = evaluate_flow(config.evaluate)
+        console.print(Path(result["out"], "summary.md").read_text())
+
+    run_guarded(command)
+
+
 @app.command()
 def card(path: Path = typer.Argument(..., help="An ingest output directory or one split's directory.")) -> None:
     """Print the dataset card(s) under PATH."""

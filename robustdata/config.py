@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
+                      ValidationError)
 
 from robustdata.errors import DataError, RobustDataError
 
@@ -31,10 +32,67 @@ class IngestParams(BaseModel):
         return self.model_dump(mode="json", exclude={"out", "download"})
 
 
-class Params(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class AdversarialParams(Strict):
+    method: Literal["fgsm_rs", "pgd"] = "fgsm_rs"  # inner maximisation
+    threat: Literal["linf", "l2"] = "linf"  # pgd only
+    eps: NonNegativeFloat = 0.3  # threat-ball radius, pixel units in [0, 1]
+    alpha: PositiveFloat = 0.375  # fgsm_rs step (Wong et al. 2020: 1.25 * eps)
+    steps: PositiveInt = 40  # pgd steps
+    step_size: PositiveFloat = 0.01  # pgd step
+    guard_size: PositiveInt = 500  # val images attacked after each epoch to catch catastrophic overfitting
+    guard_drop: PositiveFloat = 0.2  # stop when their PGD accuracy falls this far below its best
+
+
+class TrainParams(Strict):
+    data: Path = Path("data/mnist")  # an ingest output: <data>/train and <data>/val
+    out: Path = Path("models/standard")  # model.pt + model.json
+    arch: str = "small_cnn"  # small_cnn | resnet18 | tv:NAME
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: Nesterov momentum; adam: AdamW
+    lr: PositiveFloat = 0.1  # peak of the triangular schedule
+    warmup_fraction: float = Field(0.2, ge=0, le=1)  # fraction of steps rising to the peak
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: NonNegativeFloat = 5e-4
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast (AMX on CPU, tensor cores on GPU)
+    channels_last: bool = True
+    limit: PositiveInt | None = None  # train on the first N images only (quick runs)
+    seed: int = 0  # seeds the init, data-order and attack streams
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    adversarial: AdversarialParams | None = None  # None: standard training
+
+
+class AttackParams(Strict):
+    threat: Literal["linf", "l2"] = "linf"
+    eps: NonNegativeFloat = 0.3
+    steps: PositiveInt = 50
+    step_size: PositiveFloat = 0.01
+    restarts: PositiveInt = 10
+
+
+class EvaluateParams(Strict):
+    models: list[Path] = [Path("models/standard"), Path("models/robust")]
+    data: Path = Path("data/mnist/test")
+    attacks: list[AttackParams] = [AttackParams()]
+    limit: PositiveInt | None = 1000  # images attacked per model (clean accuracy uses all)
+    batch_size: PositiveInt = 500
+    seed: int = 0
+    device: str = "auto"
+    out: Path = Path("reports/evaluate")
+
+
+class Params(Strict):
     ingest: IngestParams = IngestParams()
+    train_standard: TrainParams = TrainParams()
+    train_robust: TrainParams = TrainParams(
+        out=Path("models/robust"), epochs=15, lr=0.05, weight_decay=0.0, label_smoothing=0.0,
+        adversarial=AdversarialParams(method="pgd", steps=5, step_size=0.1))
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def load_params(path: str | Path | None = None, **sections: dict[str, Any]) -> Params:

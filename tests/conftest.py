@@ -16,6 +16,8 @@ import pytest
 
 from robustdata.data.shards import Sample
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():

@@ -1,0 +1,330 @@
+"""Standard and adversarial training on in-memory data, evaluation, checkpoints.
+
+Randomness comes from explicit streams: `init_seed` for the weights and a
+torch.Generator for data order (and one for attacks), so two runs with the same
+seeds give identical weights on CPU, and a filtered and an unfiltered run stay
+paired.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from robustdata.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
+from robustdata.data.memory import InMemoryDataset
+from robustdata.errors import DataError
+from robustdata.io import write_bytes_atomic, write_json_atomic
+from robustdata.models import build_model
+
+if TYPE_CHECKING:
+    from robustdata.config import AttackParams, TrainParams
+
+# adversary(model, x, y) -> x_adv, called in train mode
+Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.05  # peak learning rate of the triangular schedule
+    warmup_fraction: float = 0.2  # fraction of steps spent rising to the peak
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) | "adam"
+    precision: str = "bf16"  # "bf16": autocast matmuls/convs to bfloat16 (AMX/tensor cores); "fp32"
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on the input's device type; a no-op context for fp32."""
+    if precision not in PRECISIONS:
+        raise DataError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training (Madry et al. 2018) with a PGD or FGSM-RS inner maximisation."""
+
+    method: str = "fgsm_rs"  # "fgsm_rs" (Wong et al. 2020) | "pgd"
+    threat: str = "linf"  # pgd only: "linf" | "l2"
+    eps: float = 0.3  # radius of the threat ball, in [0, 1] pixel units
+    alpha: float = 0.375  # fgsm_rs step (Wong et al.: 1.25 * eps on MNIST)
+    steps: int = 40  # pgd steps
+    step_size: float = 0.01  # pgd step
+    guard_size: int = 500  # held-out images checked by PGD after each epoch (catastrophic overfitting)
+    guard_drop: float = 0.2  # stop when held-out PGD accuracy falls this far below its best
+
+
+ADVERSARIAL_METHODS = ("fgsm_rs", "pgd")
+
+
+def make_adversary(config: AdversarialConfig, generator: torch.Generator) -> Adversary:
+    if config.method == "fgsm_rs":
+        return lambda model, x, y: fgsm_rs(model, x, y, config.eps, config.alpha, generator)
+    if config.method == "pgd":
+        attack = PGDConfig(threat_model(config.threat, config.eps), config.steps, config.step_size)
+        return lambda model, x, y: pgd_attack(model, x, y, attack, generator=generator)
+    raise DataError(f"unknown adversarial training method {config.method!r}; valid: {list(ADVERSARIAL_METHODS)}")
+
+
+class OverfitGuard:
+    """After each epoch, PGD accuracy on held-out images; keeps the best weights and
+    stops training when accuracy collapses (FGSM's catastrophic overfitting, Wong et al. 2020)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, attack: PGDConfig, generator: torch.Generator,
+                 max_drop: float):
+        self.images, self.labels, self.attack, self.generator = images, labels, attack, generator
+        self.max_drop = max_drop
+        self.best_accuracy, self.best_state, self.history = -1.0, None, []
+
+    def __call__(self, epoch: int, model: nn.Module) -> bool:
+        predictions = adversarial_predict(model, self.images, self.labels, self.attack, self.generator)
+        accuracy = (predictions == self.labels.cpu()).float().mean().item()
+        self.history.append(accuracy)
+        if accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_state = accuracy, copy.deepcopy(model.state_dict())
+        return accuracy < self.best_accuracy - self.max_drop
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def seeded_model(arch: str, num_classes: int, in_channels: int, image_size: int, init_seed: int,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """Weights drawn from their own seed, without touching the global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_model(arch, num_classes, in_channels, image_size)
+    return model.to(device)
+
+
+def triangular(step: int, total: int, warmup_fraction: float) -> float:
+    """Learning-rate multiplier: linear up to 1 at warmup, linear down to 0 at the end."""
+    peak = max(1, int(total * warmup_fraction))
+    return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+
+
+def train_model(model: nn.Module, data: InMemoryDataset, config: TrainConfig, generator: torch.Generator,
+                adversary: Adversary | None = None, progress: bool = True,
+                on_epoch: Callable[[int, nn.Module], bool] | None = None) -> list[dict[str, float]]:
+    """Train in place; return per-epoch loss/accuracy on the (possibly adversarial) batches.
+
+    on_epoch(epoch, model) may return True to stop early (e.g. catastrophic overfitting).
+    """
+    device = next(model.parameters()).device
+    data = data.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        raise DataError(f"unknown optimizer {config.optimizer!r}; valid: ['adam', 'sgd']")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: triangular(s, total, config.warmup_fraction))
+    history = []
+    model.train()
+    for epoch in range(config.epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches = tqdm(data.batches(config.batch_size, generator=generator), total=steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        for x, y in batches:
+            x = x.contiguous(memory_format=memory_format)
+            with autocast(device, config.precision):
+                if adversary is not None:
+                    x = adversary(model, x, y)
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        if not math.isfinite(loss_sum):
+            raise DataError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); lower the learning rate")
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        if on_epoch is not None and on_epoch(epoch, model):
+            break
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels for uint8 (N, C, H, W) or float images."""
+    device = next(model.parameters()).device
+    with evaluating(model):
+        out = [model(to_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+               for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images
+
+
+def adversarial_predict(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: PGDConfig,
+                        generator: torch.Generator, batch_size: int = 500,
+                        progress: bool = False) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress, leave=False):
+        x = to_float(images[i:i + batch_size]).to(device)
+        y = labels[i:i + batch_size].to(device)
+        x_adv = pgd_attack(model, x, y, config, generator=generator)
+        out.append(predict(model, x_adv).cpu())
+    return torch.cat(out)
+
+
+def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    correct = predictions == labels
+    per_class = [correct[labels == c].float().mean().item() if (labels == c).any() else None
+                 for c in range(num_classes)]
+    return {"accuracy": correct.float().mean().item(), "per_class": per_class, "n": len(labels)}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, sidecar: dict[str, Any]) -> None:
+    """state_dict (torch.save) + JSON sidecar (architecture, params, data hash, metrics), both atomic."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+    write_json_atomic(Path(path).with_suffix(".json"), sidecar)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from the sidecar and load weights with weights_only=True (never unpickles code)."""
+    from robustdata.io import read_json
+
+    path = Path(path)
+    sidecar = read_json(path.with_suffix(".json"))
+    model = build_model(sidecar["arch"], sidecar["num_classes"], sidecar["in_channels"], sidecar["image_size"])
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError/RuntimeError for foreign or corrupt files
+        raise DataError(f"not a loadable state_dict ({type(exc).__name__}: {exc})", path=path) from exc
+    model.load_state_dict(state)
+    return model.to(device).eval(), sidecar
+
+
+# --------------------------------------------------------------------------- seeds and devices
+
+SEED_STREAMS = ("init", "data", "attack", "guard")
+
+
+def seed_streams(seed: int) -> dict[str, int]:
+    """Independent seeds per randomness stream, derived from one user seed."""
+    import numpy as np
+
+    children = np.random.SeedSequence(seed).spawn(len(SEED_STREAMS))
+    return {name: int(child.generate_state(1, np.uint64)[0] >> 1) for name, child in zip(SEED_STREAMS, children)}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def generator_for(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- one call from params
+
+
+def subset(data: InMemoryDataset, limit: int | None) -> InMemoryDataset:
+    if limit is None or limit >= len(data):
+        return data
+    return InMemoryDataset(data.images[:limit], data.labels[:limit], data.keys[:limit], data.classes)
+
+
+def fit(train: InMemoryDataset, val: InMemoryDataset, params: "TrainParams", progress: bool = True
+        ) -> tuple[nn.Module, dict[str, Any]]:
+    """Build, train and check a model as `params` say; return it and a description for its sidecar."""
+    device = resolve_device(params.device)
+    seeds = seed_streams(params.seed)
+    train = subset(train, params.limit)
+    channels, height = train.images.shape[1], train.images.shape[2]
+    model = seeded_model(params.arch, len(train.classes), channels, height, seeds["init"], device)
+    config = TrainConfig(**params.model_dump(include=set(TrainConfig.__dataclass_fields__)))
+    adversary, guard = None, None
+    if params.adversarial is not None:
+        adv = AdversarialConfig(**params.adversarial.model_dump())
+        adversary = make_adversary(adv, generator_for(seeds["attack"], device))
+        guard = OverfitGuard(val.images[:adv.guard_size].to(device), val.labels[:adv.guard_size].to(device),
+                             PGDConfig(threat_model(adv.threat, adv.eps), 10, adv.eps / 4),
+                             generator_for(seeds["guard"], device), adv.guard_drop)
+    start = time.perf_counter()
+    history = train_model(model, train, config, generator_for(seeds["data"], device), adversary=adversary,
+                          progress=progress, on_epoch=guard)
+    seconds = time.perf_counter() - start
+    if guard is not None:
+        guard.restore_best(model)
+        for entry, accuracy in zip(history, guard.history):
+            entry["val_pgd10_accuracy"] = accuracy
+    val_report = accuracy_report(predict(model, val.images).cpu(), val.labels.cpu(), len(val.classes))
+    return model, {
+        "arch": params.arch, "num_classes": len(train.classes), "in_channels": channels, "image_size": height,
+        "classes": train.classes, "params": params.model_dump(mode="json"), "seeds": seeds,
+        "train_samples": len(train), "history": history, "train_seconds": seconds, "device": str(device),
+        "val": {"accuracy": val_report["accuracy"], "per_class": val_report["per_class"]},
+    }
+
+
+def evaluate_model(model: nn.Module, test: InMemoryDataset, attacks: list["AttackParams"], *,
+                   limit: int | None = None, batch_size: int = 500, seed: int = 0,
+                   progress: bool = False) -> dict[str, Any]:
+    """Clean accuracy on all of `test`; robust accuracy under each PGD attack on its first `limit` images.
+
+    Attacks run in fp32 (no autocast), so low precision cannot weaken them.
+    """
+    device = next(model.parameters()).device
+    num_classes = len(test.classes)
+    clean = accuracy_report(predict(model, test.images).cpu(), test.labels.cpu(), num_classes)
+    attacked = subset(test, limit)
+    clean_attacked = (predict(model, attacked.images).cpu() == attacked.labels.cpu()).float().mean().item()
+    robust = []
+    for attack in attacks:
+        config = PGDConfig(threat_model(attack.threat, attack.eps), attack.steps, attack.step_size,
+                           restarts=attack.restarts)
+        start = time.perf_counter()
+        predictions = adversarial_predict(model, attacked.images, attacked.labels, config,
+                                          generator_for(seed_streams(seed)["attack"], device),
+                                          batch_size=batch_size, progress=progress)
+        report = accuracy_report(predictions, attacked.labels.cpu(), num_classes)
+        robust.append({**attack.model_dump(), "accuracy": report["accuracy"], "per_class": report["per_class"],
+                       "n": report["n"], "clean_accuracy_same_images": clean_attacked,
+                       "seconds": time.perf_counter() - start})
+    return {"clean": clean, "robust": robust}

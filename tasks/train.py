@@ -1,0 +1,60 @@
+"""Train and evaluate tasks: paths in, checkpoints and JSON reports out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from robustdata.config import EvaluateParams, TrainParams
+from robustdata.data.manifest import open_dataset
+from robustdata.data.memory import load_in_memory
+from robustdata.io import atomic_directory, code_version, write_bytes_atomic, write_json_atomic
+from robustdata.report import evaluation_markdown
+from robustdata.train import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint
+
+MODEL_FILE = "model.pt"
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(params: TrainParams, progress: bool = True) -> dict[str, Any]:
+    """Train one model on <data>/train, check it on <data>/val, write <out>/model.pt + model.json."""
+    train_set = open_dataset(Path(params.data) / "train")
+    train = load_in_memory(train_set, progress=progress)
+    val = load_in_memory(Path(params.data) / "val", progress=progress)
+    model, description = fit(train, val, params, progress=progress)
+    sidecar = {**description, "data": {"train_manifest_sha256": train_set.card["manifest"]["sha256"]},
+               "built_by": {"stage": "train", **code_version()}}
+    with atomic_directory(params.out) as staging:
+        save_checkpoint(staging / MODEL_FILE, model, sidecar)
+    return {"out": str(params.out), "val_accuracy": description["val"]["accuracy"],
+            "train_seconds": description["train_seconds"], "epochs_run": len(description["history"])}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(params: EvaluateParams, model_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Clean accuracy (all images) and robust accuracy under each attack (first `limit` images)."""
+    device = resolve_device(params.device)
+    model, sidecar = load_checkpoint(Path(model_dir) / MODEL_FILE, device)
+    test_set = open_dataset(params.data)
+    report = evaluate_model(model, load_in_memory(test_set, progress=progress), params.attacks, limit=params.limit,
+                            batch_size=params.batch_size, seed=params.seed, progress=progress)
+    return {"model": str(model_dir), "arch": sidecar["arch"],
+            "trained_adversarially": sidecar["params"].get("adversarial") is not None,
+            "train_seconds": sidecar.get("train_seconds"), "data": str(params.data),
+            "data_manifest_sha256": test_set.card["manifest"]["sha256"], **report, "device": str(device)}
+
+
+@task(name="write-evaluation", cache_policy=NO_CACHE)
+def write_evaluation(out: Path, results: list[dict[str, Any]]) -> Path:
+    """metrics.json (for DVC metrics and CI gates) and summary.md (a table a person reads)."""
+    out = Path(out)
+    write_json_atomic(out / "metrics.json", {Path(r["model"]).name: {
+        "clean_accuracy": r["clean"]["accuracy"],
+        **{f"robust_{a['threat']}_{a['eps']:g}": a["accuracy"] for a in r["robust"]}} for r in results})
+    write_json_atomic(out / "details.json", {"results": results, "built_by": {"stage": "evaluate", **code_version()}})
+    write_bytes_atomic(out / "summary.md", evaluation_markdown(results).encode())
+    return out
