@@ -5,7 +5,7 @@ feature inversion matches. Layer names are per architecture:
 
     small_cnn  (28x28 grayscale; Madry et al.'s MNIST net): last_conv, penultimate
     resnet18   (32x32 colour; CIFAR-style ResNet-18):        last_conv, penultimate
-    tv:NAME    (any torchvision.models architecture, untrained): penultimate, or any module name
+    tv:NAME    (any torchvision.models architecture, untrained): last_conv, penultimate, or any module name
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ def layer_module(model: nn.Module, layer: str) -> tuple[nn.Module, bool]:
     if layer == "penultimate":
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
         return last_linear, True
+    if layer == "last_conv":  # torchvision models: the last top-level block holding a convolution
+        blocks = [m for m in model.children() if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+        if blocks:
+            return blocks[-1], False
     try:
         return model.get_submodule(layer), False
     except AttributeError as exc:
