@@ -140,7 +140,7 @@ def evaluate(
         from flows.train import evaluate_flow
 
         result = evaluate_flow(config.evaluate)
-        console.print(Path(result["out"], "summary.md").read_text())
+        console.print(Path(result["out"], "summary.md").read_text(), soft_wrap=True, markup=False)
 
     run_guarded(command)
 
