@@ -36,10 +36,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from robustdata.config import AttackParams, load_params  # noqa: E402
+from robustdata.config import AttackParams, TrainParams, load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402
-from robustdata.train import TrainConfig, evaluate_model, fit, resolve_device, seeded_model, train_model  # noqa: E402
+from robustdata.train import evaluate_model, fit, resolve_device, seeded_model, train_model  # noqa: E402
 
 log = Console(stderr=True)
 
@@ -58,7 +58,7 @@ def standard_runs(train, val, test, params, seeds: list[int]) -> list[dict[str, 
     return runs
 
 
-def plain_loop_throughput(model, data: InMemoryDataset, config: TrainConfig, steps: int) -> float:
+def plain_loop_throughput(model, data: InMemoryDataset, config: TrainParams, steps: int) -> float:
     """What a user writes by default: DataLoader over a float TensorDataset, fp32, SGD."""
     device = next(model.parameters()).device
     dataset = TensorDataset(data.images.float() / 255, data.labels)
@@ -79,18 +79,17 @@ def plain_loop_throughput(model, data: InMemoryDataset, config: TrainConfig, ste
     return done / (time.perf_counter() - start)
 
 
-def project_loop_throughput(model, data: InMemoryDataset, config: TrainConfig, steps: int) -> float:
+def project_loop_throughput(model, data: InMemoryDataset, config: TrainParams, steps: int) -> float:
     limited = InMemoryDataset(data.images[: steps * config.batch_size], data.labels[: steps * config.batch_size],
                               data.keys, data.classes)
-    one_epoch = TrainConfig(**{**config.__dict__, "epochs": 1})
+    one_epoch = config.model_copy(update={"epochs": 1})
     start = time.perf_counter()
     train_model(model, limited, one_epoch, torch.Generator().manual_seed(0), progress=False)
     return len(limited) / (time.perf_counter() - start)
 
 
-def throughput(train: InMemoryDataset, params, repeats: int, steps: int) -> dict[str, list[float]]:
-    config = TrainConfig(**params.model_dump(include=set(TrainConfig.__dataclass_fields__)))
-    fp32 = TrainConfig(**{**config.__dict__, "precision": "fp32", "channels_last": False})
+def throughput(train: InMemoryDataset, params: TrainParams, repeats: int, steps: int) -> dict[str, list[float]]:
+    fp32 = params.model_copy(update={"precision": "fp32", "channels_last": False})
     device = resolve_device(params.device)
     shape = train.images.shape
     results: dict[str, list[float]] = {"plain_dataloader_fp32": [], "project_fp32": [], "project": []}
@@ -99,10 +98,10 @@ def throughput(train: InMemoryDataset, params, repeats: int, steps: int) -> dict
             model = seeded_model(params.arch, len(train.classes), shape[1], shape[2], 0, device)
             warm = 5  # oneDNN picks kernels on the first steps
             if name == "plain_dataloader_fp32":
-                plain_loop_throughput(model, train, config, warm)
-                results[name].append(plain_loop_throughput(model, train, config, steps))
+                plain_loop_throughput(model, train, params, warm)
+                results[name].append(plain_loop_throughput(model, train, params, steps))
             else:
-                cfg = fp32 if name == "project_fp32" else config
+                cfg = fp32 if name == "project_fp32" else params
                 project_loop_throughput(model, train, cfg, warm)
                 results[name].append(project_loop_throughput(model, train, cfg, steps))
         log.log({k: round(v[-1]) for k, v in results.items()})

@@ -113,7 +113,7 @@ def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, conf
     With several restarts, each sample keeps the run with the highest final objective.
     To minimise a loss (feature inversion), pass its negative.
     """
-    best_x, best_obj = x.detach().clone(), None
+    best_x, best_obj = None, None
     for _ in range(config.restarts):
         x_adv, obj = _pgd_run(objective, x.detach(), config, generator)
         if best_obj is None:

@@ -12,40 +12,24 @@ import copy
 import io
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from robustdata.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
+from robustdata.config import AdversarialParams, AttackParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
 from robustdata.errors import DataError
-from robustdata.io import write_bytes_atomic, write_json_atomic
+from robustdata.io import read_json, write_bytes_atomic, write_json_atomic
 from robustdata.models import build_model
-
-if TYPE_CHECKING:
-    from robustdata.config import AttackParams, TrainParams
 
 # adversary(model, x, y) -> x_adv, called in train mode
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 0.05  # peak learning rate of the triangular schedule
-    warmup_fraction: float = 0.2  # fraction of steps spent rising to the peak
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) | "adam"
-    precision: str = "bf16"  # "bf16": autocast matmuls/convs to bfloat16 (AMX/tensor cores); "fp32"
-    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -58,24 +42,10 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-@dataclass
-class AdversarialConfig:
-    """Adversarial training (Madry et al. 2018) with a PGD or FGSM-RS inner maximisation."""
-
-    method: str = "fgsm_rs"  # "fgsm_rs" (Wong et al. 2020) | "pgd"
-    threat: str = "linf"  # pgd only: "linf" | "l2"
-    eps: float = 0.3  # radius of the threat ball, in [0, 1] pixel units
-    alpha: float = 0.375  # fgsm_rs step (Wong et al.: 1.25 * eps on MNIST)
-    steps: int = 40  # pgd steps
-    step_size: float = 0.01  # pgd step
-    guard_size: int = 500  # held-out images checked by PGD after each epoch (catastrophic overfitting)
-    guard_drop: float = 0.2  # stop when held-out PGD accuracy falls this far below its best
-
-
 ADVERSARIAL_METHODS = ("fgsm_rs", "pgd")
 
 
-def make_adversary(config: AdversarialConfig, generator: torch.Generator) -> Adversary:
+def make_adversary(config: AdversarialParams, generator: torch.Generator) -> Adversary:
     if config.method == "fgsm_rs":
         return lambda model, x, y: fgsm_rs(model, x, y, config.eps, config.alpha, generator)
     if config.method == "pgd":
@@ -122,7 +92,7 @@ def triangular(step: int, total: int, warmup_fraction: float) -> float:
     return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
 
 
-def train_model(model: nn.Module, data: InMemoryDataset, config: TrainConfig, generator: torch.Generator,
+def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, generator: torch.Generator,
                 adversary: Adversary | None = None, progress: bool = True,
                 on_epoch: Callable[[int, nn.Module], bool] | None = None) -> list[dict[str, float]]:
     """Train in place; return per-epoch loss/accuracy on the (possibly adversarial) batches.
@@ -149,7 +119,10 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainConfig, ge
     history = []
     model.train()
     for epoch in range(config.epochs):
-        loss_sum, correct, seen = 0.0, 0, 0
+        # summed on the device (float64, as Python floats would be): no host sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         batches = tqdm(data.batches(config.batch_size, generator=generator), total=steps_per_epoch,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for x, y in batches:
@@ -163,9 +136,10 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainConfig, ge
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+        loss_sum, correct = loss_sum.item(), correct.item()
         if not math.isfinite(loss_sum):
             raise DataError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); lower the learning rate")
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
@@ -222,8 +196,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, sidecar: dict[str, Any])
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from the sidecar and load weights with weights_only=True (never unpickles code)."""
-    from robustdata.io import read_json
-
     path = Path(path)
     sidecar = read_json(path.with_suffix(".json"))
     model = build_model(sidecar["arch"], sidecar["num_classes"], sidecar["in_channels"], sidecar["image_size"])
@@ -242,8 +214,6 @@ SEED_STREAMS = ("init", "data", "attack", "guard")
 
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent seeds per randomness stream, derived from one user seed."""
-    import numpy as np
-
     children = np.random.SeedSequence(seed).spawn(len(SEED_STREAMS))
     return {name: int(child.generate_state(1, np.uint64)[0] >> 1) for name, child in zip(SEED_STREAMS, children)}
 
@@ -270,7 +240,7 @@ def subset(data: InMemoryDataset, limit: int | None) -> InMemoryDataset:
     return InMemoryDataset(data.images[:limit], data.labels[:limit], data.keys[:limit], data.classes)
 
 
-def fit(train: InMemoryDataset, val: InMemoryDataset, params: "TrainParams", progress: bool = True
+def fit(train: InMemoryDataset, val: InMemoryDataset, params: TrainParams, progress: bool = True
         ) -> tuple[nn.Module, dict[str, Any]]:
     """Build, train and check a model as `params` say; return it and a description for its sidecar."""
     device = resolve_device(params.device)
@@ -278,16 +248,15 @@ def fit(train: InMemoryDataset, val: InMemoryDataset, params: "TrainParams", pro
     train = subset(train, params.limit)
     channels, height = train.images.shape[1], train.images.shape[2]
     model = seeded_model(params.arch, len(train.classes), channels, height, seeds["init"], device)
-    config = TrainConfig(**params.model_dump(include=set(TrainConfig.__dataclass_fields__)))
     adversary, guard = None, None
     if params.adversarial is not None:
-        adv = AdversarialConfig(**params.adversarial.model_dump())
+        adv = params.adversarial
         adversary = make_adversary(adv, generator_for(seeds["attack"], device))
         guard = OverfitGuard(val.images[:adv.guard_size].to(device), val.labels[:adv.guard_size].to(device),
                              PGDConfig(threat_model(adv.threat, adv.eps), 10, adv.eps / 4),
                              generator_for(seeds["guard"], device), adv.guard_drop)
     start = time.perf_counter()
-    history = train_model(model, train, config, generator_for(seeds["data"], device), adversary=adversary,
+    history = train_model(model, train, params, generator_for(seeds["data"], device), adversary=adversary,
                           progress=progress, on_epoch=guard)
     seconds = time.perf_counter() - start
     if guard is not None:
@@ -303,7 +272,7 @@ def fit(train: InMemoryDataset, val: InMemoryDataset, params: "TrainParams", pro
     }
 
 
-def evaluate_model(model: nn.Module, test: InMemoryDataset, attacks: list["AttackParams"], *,
+def evaluate_model(model: nn.Module, test: InMemoryDataset, attacks: list[AttackParams], *,
                    limit: int | None = None, batch_size: int = 500, seed: int = 0,
                    progress: bool = False) -> dict[str, Any]:
     """Clean accuracy on all of `test`; robust accuracy under each PGD attack on its first `limit` images.
@@ -312,9 +281,10 @@ def evaluate_model(model: nn.Module, test: InMemoryDataset, attacks: list["Attac
     """
     device = next(model.parameters()).device
     num_classes = len(test.classes)
-    clean = accuracy_report(predict(model, test.images).cpu(), test.labels.cpu(), num_classes)
+    clean_predictions = predict(model, test.images).cpu()
+    clean = accuracy_report(clean_predictions, test.labels.cpu(), num_classes)
     attacked = subset(test, limit)
-    clean_attacked = (predict(model, attacked.images).cpu() == attacked.labels.cpu()).float().mean().item()
+    clean_attacked = (clean_predictions[:len(attacked)] == attacked.labels.cpu()).float().mean().item()
     robust = []
     for attack in attacks:
         config = PGDConfig(threat_model(attack.threat, attack.eps), attack.steps, attack.step_size,

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from robustdata.attacks import Linf, PGDConfig, fgsm_rs
+from robustdata.config import TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
 from robustdata.errors import DataError
 from robustdata.train import (
-    TrainConfig, accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model,
+    accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model,
     train_model,
 )
 
@@ -25,7 +26,7 @@ def mnist_subsets(tmp_path_factory, cache_dir):
 
 def train_small(data, seed=0, epochs=1, adversary=None):
     model = seeded_model("small_cnn", 10, 1, 28, init_seed=seed)
-    history = train_model(model, data, TrainConfig(epochs=epochs, batch_size=64, lr=0.05),
+    history = train_model(model, data, TrainParams(epochs=epochs, batch_size=64, lr=0.05, label_smoothing=0.0),
                           torch.Generator().manual_seed(seed), adversary=adversary, progress=False)
     return model, history
 
@@ -73,7 +74,7 @@ def test_checkpoint_round_trip(mnist_subsets, tmp_path):
         load_checkpoint(tmp_path / "m.pt")
 
 
-def test_train_and_evaluate_flows_write_consistent_reports(mnist_subsets, tmp_path):
+def test_train_and_evaluate_flows_write_consistent_reports(tmp_path):
     """The Prefect flows end to end on a small MNIST ingest; the markdown holds the JSON's numbers."""
     import json
 
