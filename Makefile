@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-run: $(STAMP)  ## the main job on the embedded default data: ingest MNIST, print its card
+run: $(STAMP)  ## the main job on the embedded default data: ingest MNIST, then the audit loop on planted poisons
 	$(BIN)/robustdata ingest --params params.yaml
+	$(BIN)/robustdata audit-loop --params params.yaml --plant
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest
@@ -26,6 +27,8 @@ repro: $(STAMP)  ## run the DVC pipeline (dvc.yaml)
 
 bench: $(STAMP)  ## benchmarks -> reports/bench/*.json
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/audit.py
 
 clean-venv:
 	rm -rf $(VENV)

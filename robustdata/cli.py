@@ -25,7 +25,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_CODES = {0: "success", 1: "unexpected failure (a bug: please report it with the traceback)",
-              2: "bad input or configuration", 3: "integrity failure: data altered after it was written"}
+              2: "bad input or configuration", 3: "integrity failure: data altered after it was written",
+              4: "poisons detected (audit --fail-on-detect)"}
+EXIT_POISONS_DETECTED = 4
 
 
 class _QuietUserErrors(logging.Filter):
@@ -56,7 +58,8 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                       help="Print the version and exit.")) -> None:
-    """Exit codes: 0 success, 1 bug, 2 bad input or configuration, 3 integrity failure."""
+    """Exit codes: 0 success, 1 bug, 2 bad input or configuration, 3 integrity failure,
+    4 poisons detected (audit --fail-on-detect)."""
 
 
 @app.command()
@@ -85,13 +88,15 @@ def ingest(
     run_guarded(command)
 
 
-TRAIN_KINDS = {"standard": "train_standard", "robust": "train_robust"}
+TRAIN_KINDS = {"standard": "train_standard", "robust": "train_robust", "suspect": "train_suspect",
+               "clean": "retrain_clean"}
 
 
 @app.command()
 def train(
-    kind: str = typer.Option("standard", help="standard | robust (adversarial training): the params section used."),
-    params: Optional[Path] = typer.Option(None, help="params.yaml to read train_standard / train_robust from."),
+    kind: str = typer.Option("standard", help="The params section used: standard (train_standard) | robust "
+                             "(train_robust, adversarial) | suspect (train_suspect) | clean (retrain_clean)."),
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read the section from."),
     data: Optional[Path] = typer.Option(None, help="Ingest output with train/ and val/ splits."),
     out: Optional[Path] = typer.Option(None, help="Output directory for model.pt + model.json."),
     arch: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | tv:NAME"),
@@ -143,6 +148,149 @@ def evaluate(
         console.print(Path(result["out"], "summary.md").read_text(), soft_wrap=True, markup=False)
 
     run_guarded(command)
+
+
+@app.command()
+def poison(
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read the `poison` section from."),
+    data: Optional[Path] = typer.Option(None, help="Clean ingest output with train/, val/, test/."),
+    out: Optional[Path] = typer.Option(None, help="Output: train/ (poisoned), val/, test_triggered/."),
+    trigger: Optional[str] = typer.Option(None, help="square | pixel | pattern | blend"),
+    target: Optional[int] = typer.Option(None, help="Class the poisons are relabelled to."),
+    source: Optional[int] = typer.Option(None, help="Only poison this class (default: all-to-one)."),
+    rate: Optional[float] = typer.Option(None, help="Fraction of the training set poisoned."),
+    count: Optional[int] = typer.Option(None, help="Exact number of poisons (instead of --rate)."),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Plant backdoor poisons with ground truth (for testing the audit, or as canaries)."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        from pydantic import ValidationError
+
+        from robustdata.config import PoisonParams
+
+        section = load_params(params).poison.model_dump()
+        section.update({k: v for k, v in {"data": data, "out": out, "target": target, "source": source,
+                                          "seed": seed}.items() if v is not None})
+        if count is not None:
+            section.update(count=count, rate=None)
+        elif rate is not None:
+            section.update(rate=rate, count=None)
+        if trigger is not None:
+            section["trigger"]["kind"] = trigger
+        try:
+            poison_params = PoisonParams.model_validate(section)
+        except ValidationError as exc:
+            raise RobustDataError(f"invalid poison options: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+        from flows.audit import poison_flow
+
+        result = poison_flow(poison_params)
+        console.print(f"wrote {result['out']}: {result['poisons']} of {result['train_samples']} training images "
+                      f"poisoned with {result['trigger']} -> class {result['target']}; "
+                      f"{result['triggered_test_samples']} triggered test images")
+
+    run_guarded(command)
+
+
+@app.command()
+def audit(
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read the `audit` section from."),
+    model: Optional[Path] = typer.Option(None, help="Directory of the model trained on the audited set."),
+    data: Optional[Path] = typer.Option(None, help="Dataset with train/ (audited) and val/."),
+    layer: Optional[str] = typer.Option(None, help="penultimate | last_conv | a module name"),
+    eps: Optional[float] = typer.Option(None, help="Bound on a class's poisoned fraction: remove 1.5 eps of every "
+                                        "class. Default: estimate which classes are poisoned and how many poisons."),
+    removal_method: Optional[str] = typer.Option(None, help="filter | spectre | spectral | clustering"),
+    out: Optional[Path] = typer.Option(None, help="Filtered dataset output."),
+    report: Optional[Path] = typer.Option(None, help="Report directory."),
+    device: Optional[str] = typer.Option(None),
+    fail_on_detect: bool = typer.Option(False, "--fail-on-detect",
+                                        help=f"Exit {EXIT_POISONS_DETECTED} when any sample is flagged (CI gates)."),
+) -> None:
+    """Audit a training set for backdoor poisons (spectral filtering); write scores, report, filtered set."""
+    from robustdata.config import load_params
+
+    def command() -> int:
+        config = load_params(params, audit={"model": model, "data": data, "layer": layer, "eps": eps,
+                                            "removal_method": removal_method, "out": out, "report": report,
+                                            "device": device})
+        from flows.audit import audit_flow
+
+        result = audit_flow(config.audit)
+        print_audit(result)
+        return result["num_flagged"]
+
+    flagged = run_guarded(command)
+    if fail_on_detect and flagged:
+        err_console.print(f"[bold red]poisons detected:[/] {flagged} samples flagged (--fail-on-detect)")
+        raise typer.Exit(EXIT_POISONS_DETECTED)
+
+
+@app.command("retrain-clean")
+def retrain_clean(
+    params: Optional[Path] = typer.Option(None, help="params.yaml with retrain_clean and audit_eval sections."),
+) -> None:
+    """Retrain on the filtered set; clean accuracy and attack success rate before and after."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params)
+        from flows.audit import retrain_clean_flow
+
+        result = retrain_clean_flow(config.retrain_clean, config.audit_eval)
+        print_loop(result["rows"])
+        console.print(f"wrote {result['out']}")
+
+    run_guarded(command)
+
+
+@app.command("audit-loop")
+def audit_loop(
+    params: Optional[Path] = typer.Option(None, help="params.yaml (poison, train_suspect, audit, retrain_clean, "
+                                          "audit_eval sections)."),
+    plant: bool = typer.Option(False, "--plant", help="Plant the `poison` section's poisons first (a demo or canary)."),
+) -> None:
+    """The audit loop without DVC: (plant ->) train suspect -> audit -> retrain -> before/after."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params)
+        from flows.audit import audit_loop_flow
+
+        result = audit_loop_flow(config, plant=plant)
+        print_audit(result["audit"])
+        print_loop(result["loop"]["rows"])
+
+    run_guarded(command)
+
+
+def print_audit(result: dict[str, Any]) -> None:
+    table = Table(title="audit")
+    for column in ("class", "n", "separation", "poisoned", "estimated poisons", "removed", "true poisons"):
+        table.add_column(column, justify="right")
+    for c in result["classes"]:
+        statistic = "-" if c.get("statistic") is None else f"{c['statistic']:.2f}"
+        table.add_row(c["name"], str(c["n"]), statistic, "[bold red]yes[/]" if c["poisoned"] else "no",
+                      str(c["estimated_poisons"]), str(c.get("flagged", 0)),
+                      "-" if c.get("poisons") is None else str(c["poisons"]))
+    console.print(table)
+    metrics = result["metrics"]
+    line = f"removed {result['num_flagged']} samples; poisoned classes: {result['poisoned_classes'] or 'none'}"
+    if metrics.get("tpr") is not None:
+        line += f"; TPR {100 * metrics['tpr']:.2f}%, FPR {100 * metrics['fpr']:.3f}%"
+    console.print(line)
+    console.print(f"report {result['report']}/report.html; filtered dataset {result['out']}")
+
+
+def print_loop(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="before / after")
+    for column in ("model", "train samples", "clean accuracy", "attack success rate"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["model"], str(row["train_samples"]), f"{100 * row['clean_accuracy']:.2f}%",
+                      f"{100 * row['asr']:.2f}%")
+    console.print(table)
 
 
 @app.command()

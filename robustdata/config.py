@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      ValidationError)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError)
 
 from robustdata.errors import DataError, RobustDataError
 
@@ -86,6 +86,59 @@ class EvaluateParams(Strict):
     out: Path = Path("reports/evaluate")
 
 
+class TriggerParams(Strict):
+    kind: Literal["square", "pixel", "pattern", "blend"] = "square"
+    size: PositiveInt = 3  # patch side in pixels (square, pattern)
+    value: int = Field(255, ge=0, le=255)  # patch pixel value
+    position: str = "bottom_right"  # bottom_right | bottom_left | top_right | top_left | "row,col"
+    margin: NonNegativeInt = 1  # pixels between a corner patch and the border
+    alpha: float = Field(0.2, gt=0, le=1)  # blend: weight of the noise pattern
+    pattern_seed: int = 0  # blend: seed of the noise pattern
+
+
+class PoisonParams(Strict):
+    data: Path = Path("data/mnist")  # a clean ingest output with train/, val/, test/
+    out: Path = Path("data/poisoned")  # train/ (poisoned), val/ (clean copy), test_triggered/ (for ASR)
+    trigger: TriggerParams = TriggerParams()
+    target: NonNegativeInt = 0  # the class poisons are relabelled to
+    source: NonNegativeInt | None = None  # None: all-to-one; else only this class is poisoned
+    rate: float | None = Field(0.05, ge=0, le=1)  # fraction of the training set poisoned
+    count: PositiveInt | None = None  # or an exact number of poisons (set rate to null)
+    seed: int = 0
+
+
+AuditMethod = Literal["filter", "spectre", "spectral", "clustering"]
+
+
+class AuditParams(Strict):
+    model: Path = Path("models/suspect")  # the model trained on the audited set
+    data: Path = Path("data/poisoned")  # <data>/train is audited; <data>/val is carried into `out`
+    layer: str = "penultimate"  # representation read: penultimate | last_conv | a module name
+    eps: float | None = Field(None, gt=0, lt=1)  # bound on a class's poisoned fraction; null = estimate it
+    eps_scope: Literal["poisoned", "all"] = "poisoned"  # with eps: remove 1.5 eps from poisoned classes, or all
+    methods: list[AuditMethod] = ["filter", "spectral", "clustering"]
+    removal_method: AuditMethod = "filter"  # whose flags decide what is removed
+    rank: PositiveInt = 64  # principal directions kept per class (SPECTRE picks its rank <= this)
+    filter_rank: PositiveInt = 16  # of those, the ones the filter searches for a poison cluster
+    spectral_k: PositiveInt = 1  # spectral signatures: top-k directions scored
+    kappa: PositiveFloat = 6.0  # a class is poisoned when its separation exceeds median + kappa robust sd
+    batch_size: PositiveInt = 1000  # images per feature-extraction batch
+    seed: int = 0
+    device: str = "auto"
+    out: Path = Path("data/filtered")  # train/ without the removed samples (+ val/)
+    report: Path = Path("reports/audit")  # scores.parquet, summary.json, metrics.json, report.md/html
+
+
+class AuditEvalParams(Strict):
+    models: list[Path] = [Path("models/suspect"), Path("models/filtered")]  # before, after
+    clean_test: Path = Path("data/mnist/test")  # clean accuracy
+    triggered_test: Path = Path("data/poisoned/test_triggered")  # attack success rate
+    audit_report: Path = Path("reports/audit")  # the audit whose scores the final report shows
+    audited_data: Path = Path("data/poisoned/train")
+    device: str = "auto"
+    out: Path = Path("reports/audit_loop")  # metrics.json (before/after) + the full report
+
+
 class Params(Strict):
     ingest: IngestParams = IngestParams()
     train_standard: TrainParams = TrainParams()
@@ -93,6 +146,11 @@ class Params(Strict):
         out=Path("models/robust"), epochs=15, lr=0.05, weight_decay=0.0, label_smoothing=0.0,
         adversarial=AdversarialParams(method="pgd", steps=5, step_size=0.1))
     evaluate: EvaluateParams = EvaluateParams()
+    poison: PoisonParams = PoisonParams()
+    train_suspect: TrainParams = TrainParams(data=Path("data/poisoned"), out=Path("models/suspect"))
+    audit: AuditParams = AuditParams()
+    retrain_clean: TrainParams = TrainParams(data=Path("data/filtered"), out=Path("models/filtered"))
+    audit_eval: AuditEvalParams = AuditEvalParams()
 
 
 def load_params(path: str | Path | None = None, **sections: dict[str, Any]) -> Params:

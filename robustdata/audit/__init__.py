@@ -1,0 +1,1 @@
+"""Backdoor-poison audit over a trained model's representations (DESIGN.md section 4)."""

@@ -1,0 +1,78 @@
+"""Write datasets derived from another one (poisoned, filtered, robustified) with lineage.
+
+A derived dataset is an ordinary dataset directory (shards + manifest + card,
+readable by everything that reads an ingest), whose manifest rows keep the
+`origin_key` of the sample they came from and whose card records the input
+dataset's manifest hash, the params and the code that built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from robustdata.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Dataset, manifest_schema, write_card, write_manifest
+from robustdata.data.shards import Sample, write_shards
+from robustdata.io import code_version, sha256_file
+
+# Lineage columns beyond the base manifest schema.
+TRIGGER_FIELD = pa.field("trigger", pa.string())
+DERIVED_SCHEMA = manifest_schema([TRIGGER_FIELD])
+SHARD_SIZE = 10000
+
+
+def module_sha256(*modules: str) -> dict[str, str]:
+    """sha256 of the library modules (paths relative to robustdata/) that built an artifact."""
+    root = Path(__file__).resolve().parent
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in modules}
+
+
+def derived_samples(images: torch.Tensor, labels: torch.Tensor, rows: list[dict[str, Any]]) -> Iterator[Sample]:
+    """Samples (HWC uint8) with each row's key and lineage info."""
+    hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+    for index, row in enumerate(rows):
+        info = {k: v for k, v in row.items() if k != "key" and v is not None}
+        yield Sample(row["key"], hwc[index], int(labels[index]), info)
+
+
+def write_derived(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, rows: list[dict[str, Any]], *,
+                  classes: list[str], name: str, split: str, source: Dataset, stage: str,
+                  params: dict[str, Any], modules: tuple[str, ...], progress: bool = True) -> dict[str, Any]:
+    """Write images (N, C, H, W uint8), labels and per-sample lineage rows; return the card.
+
+    rows[i] holds at least `key` and `origin_key`; optional `source_label`,
+    `is_poison`, `trigger`. The card is written last: its presence marks a
+    finished dataset.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = tqdm(derived_samples(images, labels, rows), total=len(rows), unit="img",
+                   desc=f"write {name}/{split}", disable=not progress, leave=False)
+    manifest_rows = write_shards(samples, out_dir, SHARD_SIZE)
+    manifest_sha = write_manifest(out_dir / MANIFEST_NAME, manifest_rows, DERIVED_SCHEMA)
+    counts = Counter(int(label) for label in labels.tolist())
+    shard_counts = Counter(row["shard"] for row in manifest_rows)
+    card = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "split": split,
+        "num_samples": len(manifest_rows),
+        "classes": classes,
+        "counts_per_class": [counts.get(i, 0) for i in range(len(classes))],
+        "image_shape": [images.shape[2], images.shape[3], images.shape[1]],
+        "image_dtype": "uint8",
+        "shards": [{"name": shard, "num_samples": n, "sha256": sha256_file(out_dir / shard)}
+                   for shard, n in sorted(shard_counts.items())],
+        "manifest": {"name": MANIFEST_NAME, "sha256": manifest_sha},
+        "inputs": {"source": str(source.root), "manifest_sha256": source.card["manifest"]["sha256"]},
+        "params": params,
+        "built_by": {"stage": stage, **code_version(), "modules_sha256": module_sha256(*modules)},
+    }
+    write_card(out_dir, card)
+    return card

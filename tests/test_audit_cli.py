@@ -1,0 +1,109 @@
+"""The audit loop end to end through the real CLI and Prefect flows, on a small MNIST subset:
+plant poisons -> train the suspect model -> audit -> retrain -> before/after, and the CI gate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from robustdata.data.manifest import read_manifest
+
+
+@pytest.fixture(autouse=True)
+def server_url(prefect_server):
+    global API_URL
+    API_URL = prefect_server
+
+
+def invoke(*args, cwd=None):
+    env = {**os.environ, "PREFECT_API_URL": API_URL, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "robustdata", *map(str, args)], capture_output=True,
+                            text=True, env=env, timeout=600, cwd=cwd)
+    return result
+
+
+TRAIN = {"arch": "small_cnn", "epochs": 3, "batch_size": 64, "lr": 0.05, "precision": "bf16", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, prefect_server, cache_dir):
+    """A params file wired into a temp directory, with a 6,000-image MNIST ingest."""
+    global API_URL
+    API_URL = prefect_server
+    root = tmp_path_factory.mktemp("loop")
+    params = {
+        "ingest": {"source": "mnist", "out": str(root / "mnist"), "limit": 6000},
+        "poison": {"data": str(root / "mnist"), "out": str(root / "poisoned"), "count": 60, "rate": None,
+                   "target": 0, "seed": 0},
+        "train_suspect": {**TRAIN, "data": str(root / "poisoned"), "out": str(root / "suspect")},
+        "audit": {"model": str(root / "suspect"), "data": str(root / "poisoned"), "out": str(root / "filtered"),
+                  "report": str(root / "report")},
+        "retrain_clean": {**TRAIN, "data": str(root / "filtered"), "out": str(root / "filtered_model")},
+        "audit_eval": {"models": [str(root / "suspect"), str(root / "filtered_model")],
+                       "clean_test": str(root / "mnist" / "test"),
+                       "triggered_test": str(root / "poisoned" / "test_triggered"),
+                       "audit_report": str(root / "report"), "audited_data": str(root / "poisoned" / "train"),
+                       "out": str(root / "loop")},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    result = invoke("ingest", "--params", path)
+    assert result.returncode == 0, result.stderr
+    return root, path
+
+
+def test_audit_loop_finds_planted_poisons_and_removes_the_backdoor(workspace):
+    root, params = workspace
+    result = invoke("audit-loop", "--params", params, "--plant")
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(root / "poisoned" / "train" / "manifest.parquet")
+    planted = manifest.filter(manifest.column("is_poison")).column("key").to_pylist()
+    assert len(planted) == 60 and set(manifest.filter(manifest.column("is_poison")).column("label").to_pylist()) == {0}
+
+    summary = json.loads((root / "report" / "summary.json").read_text())
+    assert summary["poisoned_classes"] == [0] and summary["mode"] == "auto" and summary["layer"] == "penultimate"
+    scores = pq.read_table(root / "report" / "scores.parquet")
+    removed = set(scores.filter(scores.column("filter_flagged")).column("key").to_pylist())
+    assert len(removed & set(planted)) >= 57  # >= 95% of the planted poisons
+    assert len(removed - set(planted)) <= 0.02 * (6000 - 60)
+
+    kept = read_manifest(root / "filtered" / "train" / "manifest.parquet")
+    assert kept.num_rows == 6000 - len(removed)
+    assert set(kept.column("origin_key").to_pylist()).isdisjoint(removed)  # lineage to the original keys
+
+    metrics = json.loads((root / "loop" / "metrics.json").read_text())
+    assert metrics["suspect"]["asr"] > 0.5, "the planted backdoor should work on the suspect model"
+    assert metrics["filtered_model"]["asr"] < 0.05
+    assert metrics["filtered_model"]["clean_accuracy"] > 0.9
+    for name in ("report.md", "report.html", "figures/score_histograms.png", "figures/suspicious_0.png"):
+        assert (root / "loop" / name).exists(), name
+    assert "before" in (root / "loop" / "report.md").read_text().lower()
+
+    gate = invoke("audit", "--params", params, "--fail-on-detect")
+    assert gate.returncode == 4 and "poisons detected" in gate.stderr
+
+
+def test_clean_set_passes_the_gate(workspace):
+    root, params = workspace
+    clean = root / "clean_model"
+    trained = invoke("train", "--kind", "suspect", "--params", params, "--data", root / "mnist", "--out", clean)
+    assert trained.returncode == 0, trained.stderr
+    result = invoke("audit", "--params", params, "--model", clean, "--data", root / "mnist",
+                    "--out", root / "clean_filtered", "--report", root / "clean_report", "--fail-on-detect")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((root / "clean_report" / "summary.json").read_text())
+    assert summary["poisoned_classes"] == [] and summary["num_flagged"] == 0
+    assert summary["ground_truth"] is False  # an ingest has no is_poison ground truth
+
+
+def test_bad_audit_input_is_one_line_error(workspace, tmp_path):
+    root, params = workspace
+    result = invoke("audit", "--params", params, "--model", tmp_path / "nowhere")
+    assert result.returncode == 2 and "error:" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = invoke("audit", "--params", params, "--eps", "1.5")
+    assert result.returncode == 2 and "eps" in result.stderr
