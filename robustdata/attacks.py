@@ -9,6 +9,7 @@ targeted cross-entropy attack (Madry et al. 2018). Inputs are images in [0, 1].
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -97,6 +98,24 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def constant_schedule(step: int, steps: int) -> float:
+    return 1.0
+
+
+def linear_schedule(step: int, steps: int) -> float:
+    """Linear decay from 1 to 1/steps: large moves first, fine ones at the end."""
+    return 1.0 - step / steps
+
+
+def cosine_schedule(step: int, steps: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
+# step-size multiplier per iteration: f(step, steps) for step in 0..steps-1
+STEP_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": constant_schedule, "linear": linear_schedule, "cosine": cosine_schedule}
+
+
 @dataclass(frozen=True)
 class PGDConfig:
     threat: ThreatModel
@@ -104,6 +123,11 @@ class PGDConfig:
     step_size: float
     random_start: bool = True
     restarts: int = 1
+    schedule: str = "constant"  # a key of STEP_SCHEDULES
+
+    def __post_init__(self):
+        if self.schedule not in STEP_SCHEDULES:
+            raise RobustDataError(f"unknown step schedule {self.schedule!r}; valid: {sorted(STEP_SCHEDULES)}")
 
 
 def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, config: PGDConfig,
@@ -125,14 +149,15 @@ def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, conf
 
 
 def _pgd_run(objective, x, config, generator):
-    threat = config.threat
+    threat, schedule = config.threat, STEP_SCHEDULES[config.schedule]
     delta = threat.random_start(x, generator) if config.random_start else torch.zeros_like(x)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
-    for _ in range(config.steps):
+    for step in range(config.steps):
         obj = objective(x + delta)
         (grad,) = torch.autograd.grad(obj.sum(), delta)
         with torch.no_grad():
-            delta = threat.project(delta + config.step_size * threat.direction(grad))
+            step_size = config.step_size * schedule(step, config.steps)
+            delta = threat.project(delta + step_size * threat.direction(grad))
             delta = (x + delta).clamp(0, 1) - x  # stay a valid image
         delta.requires_grad_(True)
     with torch.no_grad():

@@ -89,13 +89,14 @@ def ingest(
 
 
 TRAIN_KINDS = {"standard": "train_standard", "robust": "train_robust", "suspect": "train_suspect",
-               "clean": "retrain_clean"}
+               "clean": "retrain_clean", "plain": "train_plain"}
 
 
 @app.command()
 def train(
     kind: str = typer.Option("standard", help="The params section used: standard (train_standard) | robust "
-                             "(train_robust, adversarial) | suspect (train_suspect) | clean (retrain_clean)."),
+                             "(train_robust, adversarial) | suspect (train_suspect) | clean (retrain_clean) | plain "
+                             "(train_plain, the source of D_NR / D_rand / D_det)."),
     params: Optional[Path] = typer.Option(None, help="params.yaml to read the section from."),
     data: Optional[Path] = typer.Option(None, help="Ingest output with train/ and val/ splits."),
     out: Optional[Path] = typer.Option(None, help="Output directory for model.pt + model.json."),
@@ -291,6 +292,172 @@ def print_loop(rows: list[dict[str, Any]]) -> None:
         table.add_row(row["model"], str(row["train_samples"]), f"{100 * row['clean_accuracy']:.2f}%",
                       f"{100 * row['asr']:.2f}%")
     console.print(table)
+
+
+BUILD_KINDS = ("robust", "nonrobust", "rand", "det")
+
+
+@app.command()
+def build(
+    kind: str = typer.Option(..., help="robust (D_R) | nonrobust (D_NR) | rand (D_rand) | det (D_det): the "
+                             "params section build_<kind> is read."),
+    params: Optional[Path] = typer.Option(None, help="params.yaml to read build_<kind> from."),
+    data: Optional[Path] = typer.Option(None, help="Source dataset with train/ (transformed) and val/ (copied)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory: a robust one for D_R, standard otherwise."),
+    out: Optional[Path] = typer.Option(None, help="Output directory: <out>/train, <out>/val."),
+    limit: Optional[int] = typer.Option(None, help="Build from the first N training images (subset)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per image."),
+    step_size: Optional[float] = typer.Option(None, help="L2 step size (pixel units)."),
+    schedule: Optional[str] = typer.Option(None, help="constant | linear | cosine step-size decay."),
+    eps: Optional[float] = typer.Option(None, help="rand/det: L2 radius of the perturbation."),
+    start: Optional[str] = typer.Option(None, help="robust/nonrobust start: other (a random training image) | noise."),
+    layer: Optional[str] = typer.Option(None, help="robust/nonrobust: representation matched (penultimate, ...)."),
+    workers: Optional[int] = typer.Option(None, help="Shards built at once (threads)."),
+    device: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Build a robustified (D_R) or non-robust-feature (D_NR, D_rand, D_det) dataset, shard by shard.
+
+    A killed build continues where it stopped when run again with the same params."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        if kind not in BUILD_KINDS:
+            raise RobustDataError(f"unknown --kind {kind!r}; valid: {list(BUILD_KINDS)}")
+        overrides = {"data": data, "model": model, "out": out, "limit": limit, "steps": steps,
+                     "step_size": step_size, "schedule": schedule, "eps": eps, "start": start, "layer": layer,
+                     "workers": workers, "device": device, "seed": seed}
+        config = getattr(load_params(params, **{f"build_{kind}": overrides}), f"build_{kind}")
+        from flows.robustify import run_build
+
+        result = run_build(config)
+        counts = ", ".join(str(n) for n in result["counts_per_class"])
+        console.print(f"wrote {result['out']}: {result['num_samples']} samples ({result['shards_built']} of "
+                      f"{result['num_shards']} shards built now); per class {counts}")
+
+    run_guarded(command)
+
+
+@app.command("evaluate-built")
+def evaluate_built(
+    kind: str = typer.Option(..., help="original (D, the same number of images) | robust | nonrobust | rand | det"),
+    params: Optional[Path] = typer.Option(None, help="params.yaml (robustify_eval and build_<kind> sections)."),
+) -> None:
+    """Train standard classifiers on one dataset (seeds, learning-rate sweep) and evaluate them on the
+    original test set: clean accuracy and robust accuracy under PGD."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        if kind not in ("original", *BUILD_KINDS):
+            raise RobustDataError(f"unknown --kind {kind!r}; valid: {['original', *BUILD_KINDS]}")
+        config = load_params(params)
+        from flows.robustify import dataset_for, evaluate_built_flow
+
+        data_dir, limit = dataset_for(kind, config)
+        result = evaluate_built_flow(kind, data_dir, limit, config.robustify_eval)
+        table = Table(title=f"trained on {kind}")
+        attacks = list(result["runs"][0]["robust"])
+        for column in ("seed", "lr", "clean", *attacks):
+            table.add_column(column, justify="right")
+        for run in result["runs"]:
+            table.add_row(str(run["seed"]), f"{run['lr']:g}", f"{100 * run['clean_accuracy']:.2f}%",
+                          *(f"{100 * run['robust'][a]:.2f}%" for a in attacks))
+        console.print(table)
+        console.print(f"wrote {result['out']}")
+
+    run_guarded(command)
+
+
+@app.command("robustify-report")
+def robustify_report(params: Optional[Path] = typer.Option(None, help="params.yaml")) -> None:
+    """The Ilyas et al. table (mean +- std over seeds), image grids and saliency maps."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params)
+        from flows.robustify import robustify_report_flow
+
+        result = robustify_report_flow(config)
+        console.print(result["markdown"], markup=False, highlight=False)
+        console.print(f"report {result['report']}")
+
+    run_guarded(command)
+
+
+@app.command()
+def pipeline(
+    params: Optional[Path] = typer.Option(Path("params.yaml"), help="params.yaml with every section."),
+    profile: Optional[str] = typer.Option(None, help="A profile laid over the params: quick | full (profiles/*.yaml) "
+                                          "or a YAML path."),
+) -> None:
+    """Everything in one Prefect flow: ingest -> poison -> audit -> retrain -> robust models -> D_R, D_NR,
+    D_rand, D_det -> classifiers on them -> reports/index.html (the same steps as `dvc repro`)."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params, profile=profile)
+        from flows.pipeline import pipeline_flow
+
+        result = pipeline_flow(config)
+        console.print(f"results page: {result['html']} (and {result['markdown']})")
+
+    run_guarded(command)
+
+
+@app.command()
+def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where each stage wrote its metrics).")
+            ) -> None:
+    """Write the results page (reports/index.html + index.md) from the stages' JSON metrics and figures."""
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params)
+        from tasks.report import index_task
+
+        result = index_task.fn(config)
+        console.print(f"results page: {result['html']} (sections: {', '.join(result['sections'])})")
+
+    run_guarded(command)
+
+
+@app.command()
+def serve(
+    cron: str = typer.Option("0 3 * * *", help="When the audit runs (cron, in --timezone)."),
+    timezone: str = typer.Option("UTC", help="IANA time zone of the cron schedule."),
+    params: Path = typer.Option(Path("params.yaml"), help="params.yaml read at the start of every run."),
+    profile: Optional[str] = typer.Option(None, help="Profile laid over the params at every run."),
+    name: str = typer.Option("scheduled-audit", help="Deployment name."),
+    plant: bool = typer.Option(True, "--plant/--no-plant", help="Plant the `poison` section's canaries first, so "
+                               "every run also measures that the audit still finds known poisons."),
+) -> None:
+    """Register the audit as a deployment with a cron schedule on the Prefect server at PREFECT_API_URL,
+    and run its scheduled (and manually triggered) runs until stopped (Ctrl-C)."""
+    def command() -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise RobustDataError("PREFECT_API_URL is not set: start a server with `robustdata server` (or use an "
+                                  "existing one) and export the URL it prints")
+        from flows.schedule import serve_audit
+
+        console.print(f"serving deployment scheduled-audit/{name} ({cron} {timezone}) on {PREFECT_API_URL.value()}")
+        serve_audit(name=name, cron=cron, timezone=timezone, params=params.resolve(), profile=profile, plant=plant)
+
+    run_guarded(command)
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to reach it from other machines)."),
+    port: int = typer.Option(4200),
+) -> None:
+    """Start a Prefect server (the UI and API that schedules need) in the foreground."""
+    import subprocess
+
+    console.print(f"export PREFECT_API_URL=http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/api")
+    bin_dir = Path(sys.executable).parent
+    prefect = bin_dir / "prefect" if (bin_dir / "prefect").exists() else Path("prefect")
+    raise typer.Exit(subprocess.call([str(prefect), "server", "start", "--host", host, "--port", str(port)]))
 
 
 @app.command()

@@ -139,6 +139,72 @@ class AuditEvalParams(Strict):
     out: Path = Path("reports/audit_loop")  # metrics.json (before/after) + the full report
 
 
+BuildKind = Literal["robust", "nonrobust", "rand", "det"]
+
+
+class BuildParams(Strict):
+    """One robustified / non-robust-feature dataset (robustdata.robustify; Ilyas et al. 2019)."""
+
+    kind: BuildKind = "robust"
+    data: Path = Path("data/mnist")  # source: <data>/train is transformed, <data>/val is copied alongside
+    model: Path = Path("models/robust")  # robust: the robust model; nonrobust/rand/det: a standard one
+    out: Path = Path("data/built/robust")  # <out>/train (the built set), <out>/val
+    layer: str = "penultimate"  # robust/nonrobust: the representation matched
+    steps: PositiveInt = 200  # optimisation steps per image
+    step_size: PositiveFloat = 0.1  # L2 step (pixel units), times the schedule
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # step-size decay over the steps
+    eps: PositiveFloat | None = None  # rand/det: L2 radius of the perturbation; robust/nonrobust: unbounded
+    start: Literal["other", "noise"] = "other"  # robust/nonrobust: another random training image, or noise
+    limit: PositiveInt | None = None  # build from the first N training images only (count; None = all)
+    shard_size: PositiveInt = 1000  # samples per shard: the unit of resumption and parallelism
+    batch_size: PositiveInt = 500  # images optimised together
+    precision: Literal["bf16", "fp32"] = "fp32"  # autocast of the optimisation steps
+    relu_grad_beta: PositiveFloat | None = None  # robust/nonrobust: smoothed ReLU gradients (robustify.py says why)
+    seed: int = 0  # start images / target labels (each shard's stream derives from it)
+    device: str = "auto"
+    workers: PositiveInt = 1  # shards built at once: threads here, or Dask worker processes with `dask: local`
+    dask: str | None = None  # None: this process; "local": a LocalCluster of `workers`; else a scheduler address
+    threads: PositiveInt | None = None  # torch threads per process; fixed so results are bit-identical anywhere
+
+
+class RobustifyEvalParams(Strict):
+    """Standard classifiers trained on a dataset, evaluated on the original test set."""
+
+    test: Path = Path("data/mnist/test")  # the original test split
+    val: Path = Path("data/mnist/val")  # the original val split: picks the learning rate of a sweep
+    seeds: list[int] = [0, 1, 2]
+    lrs: list[PositiveFloat] = [0.1]  # learning rates tried per seed; the best on `val` is kept
+    fragile_lrs: list[PositiveFloat] = [0.02, 0.05, 0.1]  # the sweep for nonrobust / rand / det
+    train: TrainParams = TrainParams(epochs=5)  # data, out, lr, seed and limit are set per run
+    attacks: list[AttackParams] = [
+        AttackParams(threat="linf", eps=0.1, steps=50, step_size=0.01, restarts=2),
+        AttackParams(threat="linf", eps=0.2, steps=50, step_size=0.02, restarts=2),
+        AttackParams(threat="linf", eps=0.3, steps=50, step_size=0.03, restarts=2),
+        AttackParams(threat="l2", eps=1.0, steps=50, step_size=0.1, restarts=2),
+        AttackParams(threat="l2", eps=2.0, steps=50, step_size=0.2, restarts=2),
+    ]
+    limit: PositiveInt | None = 1000  # test images attacked per model (clean accuracy uses all)
+    batch_size: PositiveInt = 500
+    device: str = "auto"
+    models: Path = Path("models/on")  # <models>/<kind>/seed<k>/ checkpoints
+    out: Path = Path("reports/robustify")  # <out>/<kind>.json per dataset; the report and metrics.json
+
+
+class ResultsParams(Strict):
+    out: Path = Path("reports")  # index.html + index.md: the results page of a whole run
+
+
+def build_defaults(kind: str) -> BuildParams:
+    """The CPU profile of each builder (MNIST-scaled recipe; the README explains the choices)."""
+    common = dict(kind=kind, out=Path(f"data/built/{kind}"), limit=10000, precision="bf16")
+    if kind == "robust":
+        return BuildParams(model=Path("models/robust"), steps=200, step_size=1.0, schedule="linear",
+                           relu_grad_beta=4.0, **common)
+    if kind == "nonrobust":
+        return BuildParams(model=Path("models/plain"), steps=200, step_size=1.0, schedule="linear", **common)
+    return BuildParams(model=Path("models/plain"), steps=100, step_size=0.15, eps=4.0, **common)
+
+
 class Params(Strict):
     ingest: IngestParams = IngestParams()
     train_standard: TrainParams = TrainParams()
@@ -146,27 +212,62 @@ class Params(Strict):
         out=Path("models/robust"), epochs=15, lr=0.05, weight_decay=0.0, label_smoothing=0.0,
         adversarial=AdversarialParams(method="pgd", steps=5, step_size=0.1))
     evaluate: EvaluateParams = EvaluateParams()
+    train_plain: TrainParams = TrainParams(out=Path("models/plain"), epochs=5, weight_decay=0.0, label_smoothing=0.0)
     poison: PoisonParams = PoisonParams()
     train_suspect: TrainParams = TrainParams(data=Path("data/poisoned"), out=Path("models/suspect"))
     audit: AuditParams = AuditParams()
     retrain_clean: TrainParams = TrainParams(data=Path("data/filtered"), out=Path("models/filtered"))
     audit_eval: AuditEvalParams = AuditEvalParams()
+    build_robust: BuildParams = build_defaults("robust")
+    build_nonrobust: BuildParams = build_defaults("nonrobust")
+    build_rand: BuildParams = build_defaults("rand")
+    build_det: BuildParams = build_defaults("det")
+    robustify_eval: RobustifyEvalParams = RobustifyEvalParams()
+    results: ResultsParams = ResultsParams()
 
 
-def load_params(path: str | Path | None = None, **sections: dict[str, Any]) -> Params:
-    """Params from a YAML file (or defaults), with per-section overrides.
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise DataError("params file not found", path=path) from exc
+    except yaml.YAMLError as exc:
+        raise DataError(f"not valid YAML ({exc})", path=path) from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise DataError("params must be a mapping of sections", path=path)
+    return loaded or {}
 
-    Overrides whose value is None are ignored, so CLI options left unset keep
-    the file's value.
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, mappings merged key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+PROFILES_DIR = Path("profiles")
+
+
+def load_params(path: str | Path | None = None, profile: str | Path | None = None,
+                **sections: dict[str, Any]) -> Params:
+    """Params from a YAML file (or defaults), a profile laid over it, then per-section overrides.
+
+    `profile` is a name in profiles/ (`full` -> profiles/full.yaml, next to the params file) or a path.
+    Overrides whose value is None are ignored, so CLI options left unset keep the file's value.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise DataError("params file not found", path=path) from exc
-        except yaml.YAMLError as exc:
-            raise DataError(f"not valid YAML ({exc})", path=path) from exc
+    raw = read_yaml(path) if path is not None else {}
+    if profile is not None:
+        candidate = Path(profile)
+        if not candidate.suffix:
+            candidate = (Path(path).parent if path else Path(".")) / PROFILES_DIR / f"{profile}.yaml"
+        if not candidate.exists():
+            known = sorted(p.stem for p in candidate.parent.glob("*.yaml")) if candidate.parent.is_dir() else []
+            raise DataError(f"no such profile; known profiles: {known}", path=candidate)
+        raw = deep_merge(raw, read_yaml(candidate))
     for section, values in sections.items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:

@@ -330,6 +330,10 @@ def _headline(summary: dict) -> list[str]:
     items.append("Classes judged poisoned: " + ", ".join(
         f"{c['name']} (≈{c['estimated_poisons']} poisons)" for c in poisoned) + "." if poisoned
         else "No class judged poisoned.")
+    skipped = [c for c in summary["classes"] if c.get("status", "ok") != "ok"]
+    if skipped:  # degenerate classes (empty, too small, constant features) cannot be audited: say so
+        items.append("Classes not audited normally: "
+                     + ", ".join(f"{c['name']} ({c['status']})" for c in skipped) + ".")
     metrics = _removal_metrics(summary)
     if metrics:
         o = metrics["overall"]
@@ -356,14 +360,15 @@ def _loop_table(loop: dict) -> DocTable:
 def _class_table(summary: dict) -> DocTable:
     metrics = _removal_metrics(summary)
     per_class = {m["label"]: m for m in metrics["per_class"]} if metrics else {}
-    header = ["class", "label", "n", "budget", "flagged", "est. poisons", "statistic", "threshold", "poisoned"]
+    header = ["class", "label", "n", "budget", "flagged", "est. poisons", "statistic", "threshold", "poisoned",
+              "status"]
     if metrics:
         header += ["true poisons", "TP", "FP", "TPR", "FPR"]
     rows = []
     for c in summary["classes"]:
         row = [c["name"], str(c["label"]), str(c["n"]), _number(c["budget"], "d"), str(c["flagged"]),
                str(c["estimated_poisons"]), _number(c["statistic"], ".4g"), _number(c["threshold"], ".4g"),
-               "yes" if c["poisoned"] else "no"]
+               "yes" if c["poisoned"] else "no", c.get("status", MISSING)]
         if metrics:
             m = per_class.get(c["label"], {})
             row += [_number(c.get("poisons"), "d"), _number(m.get("tp"), "d"), _number(m.get("fp"), "d"),

@@ -4,14 +4,20 @@ Randomness comes from explicit streams: `init_seed` for the weights and a
 torch.Generator for data order (and one for attacks), so two runs with the same
 seeds give identical weights on CPU, and a filtered and an unfiltered run stay
 paired.
+
+A run given a `Resume` saves everything it depends on after every epoch (weights,
+optimizer, schedule, each random stream, the overfitting guard), so a killed run,
+rerun, continues from its last epoch and ends with the same weights.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +31,7 @@ from robustdata.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threa
 from robustdata.config import AdversarialParams, AttackParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
 from robustdata.errors import DataError
-from robustdata.io import read_json, write_bytes_atomic, write_json_atomic
+from robustdata.io import dumps_json, read_json, sha256_bytes, write_bytes_atomic, write_json_atomic
 from robustdata.models import build_model
 
 # adversary(model, x, y) -> x_adv, called in train mode
@@ -76,6 +82,21 @@ class OverfitGuard:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only, so a resume state loads with weights_only=True."""
+        state = {"best_accuracy": torch.tensor(self.best_accuracy, dtype=torch.float64),
+                 "history": torch.tensor(self.history, dtype=torch.float64),
+                 "generator": self.generator.get_state()}
+        if self.best_state is not None:
+            state["best_state"] = self.best_state
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_accuracy = state["best_accuracy"].item()
+        self.history = state["history"].tolist()
+        self.generator.set_state(state["generator"])
+        self.best_state = state.get("best_state")  # restore_best copies it onto the model's device
+
 
 def seeded_model(arch: str, num_classes: int, in_channels: int, image_size: int, init_seed: int,
                  device: torch.device | str = "cpu") -> nn.Module:
@@ -92,12 +113,31 @@ def triangular(step: int, total: int, warmup_fraction: float) -> float:
     return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
 
 
+@dataclass
+class Resume:
+    """Save a run's state to `path` after every epoch, and continue from it when it is there.
+
+    `fingerprint` (JSON) says what is trained: a state saved under another one is
+    ignored, never resumed. `stateful` names what else the run depends on besides the
+    weights, optimizer, schedule and data order (the attack's random stream, the
+    overfitting guard): torch.Generators or objects with state_dict/load_state_dict.
+    """
+
+    path: Path
+    fingerprint: dict[str, Any]
+    stateful: dict[str, Any] = field(default_factory=dict)
+
+
 def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, generator: torch.Generator,
                 adversary: Adversary | None = None, progress: bool = True,
-                on_epoch: Callable[[int, nn.Module], bool] | None = None) -> list[dict[str, float]]:
+                on_epoch: Callable[[int, nn.Module], bool] | None = None,
+                resume: Resume | None = None) -> list[dict[str, float]]:
     """Train in place; return per-epoch loss/accuracy on the (possibly adversarial) batches.
 
     on_epoch(epoch, model) may return True to stop early (e.g. catastrophic overfitting).
+    With `resume`, the state is saved after each epoch (after on_epoch) and a saved
+    state with the same fingerprint is continued from: the result is bit-identical
+    to an uninterrupted run on CPU.
     """
     device = next(model.parameters()).device
     data = data.to(device)
@@ -116,9 +156,15 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, ge
     else:
         raise DataError(f"unknown optimizer {config.optimizer!r}; valid: ['adam', 'sgd']")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: triangular(s, total, config.warmup_fraction))
-    history = []
+    history, first_epoch = [], 0
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": generator}
+    if resume is not None:
+        stateful.update(resume.stateful)
+        saved = load_resume_state(resume.path, stateful, resume.fingerprint)
+        if saved is not None:
+            history, first_epoch = saved["history"], saved["next_epoch"]
     model.train()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         # summed on the device (float64, as Python floats would be): no host sync per step
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -143,7 +189,11 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, ge
         if not math.isfinite(loss_sum):
             raise DataError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); lower the learning rate")
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
-        if on_epoch is not None and on_epoch(epoch, model):
+        stop = on_epoch is not None and on_epoch(epoch, model)
+        if resume is not None:  # a stopped run is finished: a rerun must not train on
+            save_resume_state(resume.path, stateful, {"fingerprint": resume.fingerprint, "history": history,
+                                                      "next_epoch": config.epochs if stop else epoch + 1})
+        if stop:
             break
     model.eval()
     return history
@@ -207,6 +257,57 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), sidecar
 
 
+# --------------------------------------------------------------------------- resume state
+
+RESUME_FILE = "resume.pt"
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where a run in progress keeps its resume state: `<out>.partial`, beside its output."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def save_resume_state(path: str | Path, stateful: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Each object's state (Generator.get_state() or state_dict()) in one torch file, then `meta` (JSON)
+    in a sidecar that records the torch file's sha256. Both atomic, sidecar last: a torch file
+    without its sidecar is taken as absent, so a kill between the two writes costs an epoch, never a mix.
+    """
+    buffer = io.BytesIO()
+    torch.save({name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                for name, obj in stateful.items()}, buffer)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    write_json_atomic(Path(path).with_suffix(".json"), {**meta, "sha256": sha256_bytes(data)})
+
+
+def load_resume_state(path: str | Path, stateful: dict[str, Any], fingerprint: dict[str, Any]
+                      ) -> dict[str, Any] | None:
+    """Restore `stateful` in place from a state saved under the same fingerprint and return its meta;
+    None (nothing restored) when there is none: absent, half-written, or from other params or data."""
+    path = Path(path)
+    try:
+        meta, data = read_json(path.with_suffix(".json")), path.read_bytes()
+    except (DataError, OSError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("sha256") != sha256_bytes(data)
+            or meta.get("fingerprint") != json_round_trip(fingerprint)):
+        return None
+    # weights_only: tensors and plain containers (the optimizer's numbers), never code
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.Generator):
+            obj.set_state(state[name])
+        else:
+            obj.load_state_dict(state[name])
+    return meta
+
+
+def json_round_trip(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists), for comparing with a sidecar."""
+    return json.loads(dumps_json(obj))
+
+
 # --------------------------------------------------------------------------- seeds and devices
 
 SEED_STREAMS = ("init", "data", "attack", "guard")
@@ -240,24 +341,35 @@ def subset(data: InMemoryDataset, limit: int | None) -> InMemoryDataset:
     return InMemoryDataset(data.images[:limit], data.labels[:limit], data.keys[:limit], data.classes)
 
 
-def fit(train: InMemoryDataset, val: InMemoryDataset, params: TrainParams, progress: bool = True
-        ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build, train and check a model as `params` say; return it and a description for its sidecar."""
+def fit(train: InMemoryDataset, val: InMemoryDataset, params: TrainParams, progress: bool = True,
+        resume_dir: Path | None = None, inputs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build, train and check a model as `params` say; return it and a description for its sidecar.
+
+    With `resume_dir`, the state after each epoch is saved there and a run killed
+    part-way continues from it; `inputs` (the data's hashes) joins the params in the
+    fingerprint, so a state saved from other data or params is not resumed.
+    """
     device = resolve_device(params.device)
     seeds = seed_streams(params.seed)
     train = subset(train, params.limit)
     channels, height = train.images.shape[1], train.images.shape[2]
     model = seeded_model(params.arch, len(train.classes), channels, height, seeds["init"], device)
-    adversary, guard = None, None
+    adversary, guard, stateful = None, None, {}
     if params.adversarial is not None:
         adv = params.adversarial
-        adversary = make_adversary(adv, generator_for(seeds["attack"], device))
+        attack_generator = generator_for(seeds["attack"], device)
+        adversary = make_adversary(adv, attack_generator)
         guard = OverfitGuard(val.images[:adv.guard_size].to(device), val.labels[:adv.guard_size].to(device),
                              PGDConfig(threat_model(adv.threat, adv.eps), 10, adv.eps / 4),
                              generator_for(seeds["guard"], device), adv.guard_drop)
+        stateful = {"attack": attack_generator, "guard": guard}
+    resume = None
+    if resume_dir is not None:
+        fingerprint = {"params": params.model_dump(mode="json"), "inputs": inputs or {}, "device": str(device)}
+        resume = Resume(Path(resume_dir) / RESUME_FILE, fingerprint, stateful)
     start = time.perf_counter()
     history = train_model(model, train, params, generator_for(seeds["data"], device), adversary=adversary,
-                          progress=progress, on_epoch=guard)
+                          progress=progress, on_epoch=guard, resume=resume)
     seconds = time.perf_counter() - start
     if guard is not None:
         guard.restore_best(model)

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from robustdata.audit.features import extract_features
 from robustdata.audit.metrics import detection_metrics
-from robustdata.audit.run import AuditResult, run_audit
+from robustdata.audit.run import AuditResult, NonFiniteFeaturesError, run_audit
 from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory
@@ -79,7 +79,27 @@ def ground_truth(manifest: pa.Table) -> torch.Tensor | None:
     return None if column.null_count else torch.tensor(column.to_pylist(), dtype=torch.bool)
 
 
+def non_finite_features_error(exc: NonFiniteFeaturesError, *, model: str | Path, data: str | Path, layer: str,
+                              keys: list[str]) -> DataError:
+    """The audit's NaN/inf error, with the model, the data and the keys of the first affected samples."""
+    first = ", ".join(keys[i] for i in exc.indices) + (", ..." if exc.count > len(exc.indices) else "")
+    return DataError(f"model {model} (layer {layer}) gives NaN or inf features on this data: {exc}; "
+                     f"first keys: {first}", path=data)
+
+
+def check_finite_scores(result: AuditResult) -> None:
+    """The last guard before the Parquet file: the audit reports degenerate classes instead of scoring them NaN,
+    so a non-finite score here is a bug (raised with its traceback, not as a user error)."""
+    for method, scores in result.scores.items():
+        bad = ~torch.isfinite(scores)
+        if bad.any():
+            rows = torch.nonzero(bad).flatten()
+            raise RuntimeError(f"{method} scores are not finite for {len(rows)} samples (first rows "
+                               f"{rows[:10].tolist()}); refusing to write them: please report this")
+
+
 def scores_table(data: InMemoryDataset, manifest: pa.Table, result: AuditResult) -> pa.Table:
+    check_finite_scores(result)
     columns: dict[str, Any] = {
         "key": pa.array(data.keys, pa.string()),
         "label": pa.array(data.labels.tolist(), pa.int32()),
@@ -151,11 +171,15 @@ def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
     features = extract_features(model, data.images, params.layer, batch_size=params.batch_size, progress=progress)
     seconds = {"features": time.perf_counter() - start}
     inputs = data.images.to(device).flatten(1).float().div_(255.0)
-    result = run_audit(features, inputs, data.labels.to(device), len(data.classes), eps=params.eps,
-                       methods=tuple(params.methods), removal_method=params.removal_method, rank=params.rank,
-                       filter_rank=params.filter_rank, spectral_k=params.spectral_k, kappa=params.kappa,
-                       eps_scope=params.eps_scope,
-                       generator=generator_for(params.seed, device))
+    try:
+        result = run_audit(features, inputs, data.labels.to(device), len(data.classes), eps=params.eps,
+                           methods=tuple(params.methods), removal_method=params.removal_method, rank=params.rank,
+                           filter_rank=params.filter_rank, spectral_k=params.spectral_k, kappa=params.kappa,
+                           eps_scope=params.eps_scope,
+                           generator=generator_for(params.seed, device))
+    except NonFiniteFeaturesError as exc:
+        raise non_finite_features_error(exc, model=params.model, data=train_set.root, layer=params.layer,
+                                        keys=data.keys) from exc
     seconds.update(result.seconds)
     summary = audit_summary(params, data, result, truth, params.layer, seconds, sidecar)
     table = scores_table(data, manifest, result)

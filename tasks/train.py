@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,31 @@ from robustdata.data.manifest import open_dataset
 from robustdata.data.memory import load_in_memory
 from robustdata.io import atomic_directory, code_version, write_bytes_atomic, write_json_atomic
 from robustdata.report import evaluation_markdown
-from robustdata.train import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint
+from robustdata.train import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint, work_dir
 
 MODEL_FILE = "model.pt"
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(params: TrainParams, progress: bool = True) -> dict[str, Any]:
-    """Train one model on <data>/train, check it on <data>/val, write <out>/model.pt + model.json."""
-    train_set = open_dataset(Path(params.data) / "train")
+    """Train one model on <data>/train, check it on <data>/val, write <out>/model.pt + model.json.
+
+    While it trains, <out>.partial/ holds the state after the last epoch: a killed run,
+    rerun with the same params and data, continues from there to the same weights.
+    <out> is written (atomically) only when training is done.
+    """
+    train_set, val_set = open_dataset(Path(params.data) / "train"), open_dataset(Path(params.data) / "val")
     train = load_in_memory(train_set, progress=progress)
-    val = load_in_memory(Path(params.data) / "val", progress=progress)
-    model, description = fit(train, val, params, progress=progress)
-    sidecar = {**description, "data": {"train_manifest_sha256": train_set.card["manifest"]["sha256"]},
+    val = load_in_memory(val_set, progress=progress)
+    inputs = {"train_manifest_sha256": train_set.card["manifest"]["sha256"],
+              "val_manifest_sha256": val_set.card["manifest"]["sha256"]}
+    work = work_dir(params.out)
+    model, description = fit(train, val, params, progress=progress, resume_dir=work, inputs=inputs)
+    sidecar = {**description, "data": {"train_manifest_sha256": inputs["train_manifest_sha256"]},
                "built_by": {"stage": "train", **code_version()}}
     with atomic_directory(params.out) as staging:
         save_checkpoint(staging / MODEL_FILE, model, sidecar)
+    shutil.rmtree(work, ignore_errors=True)
     return {"out": str(params.out), "val_accuracy": description["val"]["accuracy"],
             "train_seconds": description["train_seconds"], "epochs_run": len(description["history"])}
 

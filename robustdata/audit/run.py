@@ -25,6 +25,20 @@ Two modes:
   the other methods remove 1.5x that estimate from the classes judged poisoned.
 
 Activation clustering always flags by its own rule (smaller cluster < 35%).
+
+Degenerate classes are reported, never scored with NaN: every per-class entry
+has a `status`: STATUS_OK; STATUS_EMPTY; "too_few_samples (n=N, need M)" with
+M = min_samples(filter_rank) (96 at filter_rank 16: see SAMPLES_PER_DIM);
+STATUS_CONSTANT (the class's features do not vary: constant images, a dead
+layer); or "numerical_failure (...)" (a method gave non-finite scores). A class that is not "ok" gets
+score 0 and no flags from every method, statistic None, budget 0, and takes no
+part in calibrating the poisoned-class threshold. Non-finite features are an
+input error (NonFiniteFeaturesError) that names how many samples, of which
+classes, and the first indices.
+
+The per-class decisions (audit_classes) read each class's principal
+coordinates only, so the in-memory audit (run_audit, features (N, D) in memory)
+and the streaming one (stream.py, O(N q + classes D^2) memory) share them.
 Pure compute: tensors in, tensors out, on the device of `features`.
 """
 
@@ -33,14 +47,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from robustdata.audit.clustering import DIMS as CLUSTER_DIMS, activation_clustering
 from robustdata.audit.filtering import (KAPPA, best_split, nearest_other_class_distance, oriented_scores,
                                         poison_side, poisoned_classes)
-from robustdata.audit.spectral import class_pca, spectral_signature_scores
+from robustdata.audit.spectral import ClassPCA, class_pca, spectral_signature_scores
 from robustdata.audit.spectre import spectre_scores
 from robustdata.errors import RobustDataError
 
@@ -48,6 +62,20 @@ METHODS = ("filter", "spectre", "spectral", "clustering")
 EPS_SCOPES = ("poisoned", "all")
 BUDGET_FACTOR = 1.5
 SUSPICIOUS_Z = 3.0  # filter score (robust sd from the clean side's median) beyond which a clean-side sample is ranked
+MIN_SAMPLES = 4     # fewer cannot be split in two and whitened: nothing can be said about the class
+# The filter whitens up to filter_rank principal coordinates; with few samples per dimension a clean class
+# splits "perfectly". Best-split separation of clean Gaussian classes (64 dims, filter_rank 16, 12 seeds):
+# median 18 at n = 4, ~1e10 at n = 12-16 (rank-deficient), 9 at n = 32, 4.8 at n = 48, 3.7 (max 10) at n = 64,
+# 3.3 (max 3.9) at n = 96, 2.8 at n = 1000. Such a class would be judged poisoned or skew the threshold
+# calibrated across classes, so a class needs SAMPLES_PER_DIM * filter_rank samples (lower filter_rank to
+# audit smaller classes).
+SAMPLES_PER_DIM = 6
+# A class whose spread (RMS distance from its mean) is below this fraction of its RMS magnitude is constant:
+# float32 features resolve ~1e-7 relative, and the same image run in different batches differs by a few ulps,
+# which a split would call two perfectly separated clusters (a "poisoned" class of constant images).
+CONSTANT_RTOL = 1e-5
+STATUS_OK, STATUS_EMPTY, STATUS_CONSTANT = "ok", "empty", "constant_features"
+FIRST_BAD = 10      # how many non-finite sample indices an error names
 
 
 @dataclass
@@ -57,7 +85,7 @@ class AuditResult:
     classes: list[dict[str, Any]]     # per-class decisions and statistics
     removal_method: str
     eps: float | None
-    threshold: float                  # separation above which a class is judged poisoned
+    threshold: float | None           # separation above which a class is judged poisoned (None: no class scored)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -65,25 +93,84 @@ class AuditResult:
         return self.flagged[self.removal_method]
 
 
-def check_inputs(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 methods: tuple[str, ...], removal_method: str, eps: float | None, eps_scope: str) -> None:
+class NonFiniteFeaturesError(RobustDataError):
+    """Some representations are NaN or inf. `indices` are the first few offending sample positions,
+    `by_class` maps label -> how many of its samples are affected."""
+
+    def __init__(self, count: int, total: int, by_class: dict[int, int], indices: list[int]):
+        self.count, self.total, self.by_class, self.indices = count, total, by_class, indices
+        classes = ", ".join(f"{label}: {n}" for label, n in by_class.items())
+        if count == total:
+            message = (f"features are NaN or inf for all {total} samples: the model outputs NaN or inf "
+                       "(check its weights, e.g. a diverged training run)")
+        else:
+            first = ", ".join(map(str, indices)) + (", ..." if count > len(indices) else "")
+            message = (f"features contain NaN or inf in {count} of {total} samples (samples per class: {classes}; "
+                       f"first sample indices: {first}): the model or those inputs are broken")
+        super().__init__(message)
+
+    @classmethod
+    def from_rows(cls, bad_rows: torch.Tensor, bad_labels: torch.Tensor, total: int) -> "NonFiniteFeaturesError":
+        """bad_rows: (k,) sorted indices of non-finite samples; bad_labels: (k,) their labels."""
+        labels, counts = torch.unique(bad_labels.cpu(), return_counts=True)
+        return cls(len(bad_rows), total, dict(zip(labels.tolist(), counts.tolist())),
+                   bad_rows[:FIRST_BAD].tolist())
+
+
+def non_finite_rows(features: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """(k,) indices of the rows with a NaN or inf, chunked so the mask never costs a copy of the features."""
+    bad = [torch.nonzero(~torch.isfinite(features[start:start + chunk]).all(1)).flatten() + start
+           for start in range(0, len(features), chunk)]
+    return torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long, device=features.device)
+
+
+def check_options(methods: tuple[str, ...], removal_method: str, eps: float | None, eps_scope: str) -> None:
     unknown = [m for m in (*methods, removal_method) if m not in METHODS]
     if unknown:
         raise RobustDataError(f"unknown audit method(s) {unknown}; valid: {list(METHODS)}")
     if removal_method not in methods:
         raise RobustDataError(f"the removal method {removal_method!r} must be one of the methods run {list(methods)}")
-    if features.dim() != 2 or len(features) != len(labels) or len(inputs) != len(labels):
-        raise RobustDataError(f"features {tuple(features.shape)}, inputs {tuple(inputs.shape)} and labels "
-                              f"{tuple(labels.shape)} must have one row per sample")
-    if not torch.isfinite(features.sum()):  # one reduction instead of a mask the size of the features
-        raise RobustDataError("features contain NaN or inf (or overflow): the model or its inputs are broken")
     if eps_scope not in EPS_SCOPES:
         raise RobustDataError(f"unknown eps scope {eps_scope!r}; valid: {list(EPS_SCOPES)}")
     if eps is not None and not 0 < eps < 1:
         raise RobustDataError(f"eps {eps} must be in (0, 1) (the poisoned fraction of a class), or omitted")
+
+
+def check_inputs(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 methods: tuple[str, ...], removal_method: str, eps: float | None, eps_scope: str) -> None:
+    check_options(methods, removal_method, eps, eps_scope)
+    if features.dim() != 2 or len(features) != len(labels) or len(inputs) != len(labels):
+        raise RobustDataError(f"features {tuple(features.shape)}, inputs {tuple(inputs.shape)} and labels "
+                              f"{tuple(labels.shape)} must have one row per sample")
     counts = torch.bincount(labels, minlength=num_classes)
     if len(counts) > num_classes:
         raise RobustDataError(f"labels go up to {len(counts) - 1} but there are {num_classes} classes")
+    if not torch.isfinite(features.sum()):  # one reduction; the row mask only when something is wrong
+        bad = non_finite_rows(features)
+        if len(bad):
+            raise NonFiniteFeaturesError.from_rows(bad, labels[bad], len(labels))
+        raise RobustDataError(f"features are finite but so large that their sum overflows (largest |value| "
+                              f"{float(features.abs().max()):.3g}): read a layer with bounded activations")
+
+
+def min_samples(filter_rank: int) -> int:
+    """The fewest samples a class needs to be audited (see SAMPLES_PER_DIM)."""
+    return max(MIN_SAMPLES, SAMPLES_PER_DIM * filter_rank)
+
+
+def size_status(count: int, need: int) -> str | None:
+    """The status of a class with fewer than `need` samples, or None when it has enough."""
+    if count == 0:
+        return STATUS_EMPTY
+    if count < need:
+        return f"too_few_samples (n={count}, need {need})"
+    return None
+
+
+def is_constant(total_variance: float, mean: torch.Tensor) -> bool:
+    """Whether a class's spread is float noise on its magnitude (see CONSTANT_RTOL); all-zero counts too."""
+    magnitude = float((mean.double() ** 2).sum()) + total_variance
+    return total_variance <= CONSTANT_RTOL ** 2 * magnitude
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,6 +192,11 @@ def filter_budget_mask(scores: torch.Tensor, poison_side: torch.Tensor, budget: 
     return removed, int((removed & ~ranked).sum())
 
 
+def pca_rank(methods: tuple[str, ...], rank: int, filter_rank: int, spectral_k: int) -> int:
+    """Principal directions each class needs: only SPECTRE reads beyond the filter's and clustering's few."""
+    return max(filter_rank, CLUSTER_DIMS, spectral_k, rank if "spectre" in methods else 0)
+
+
 def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
               eps: float | None = None, methods: tuple[str, ...] = METHODS, removal_method: str = "filter",
               rank: int = 64, filter_rank: int = 16, spectral_k: int = 1, kappa: float = KAPPA,
@@ -114,48 +206,89 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
     features: (N, D) representations of the audited model; inputs: (N, P) the
     images flattened in [0, 1] (only used to tell which side of a split is the
     poison); labels: (N,) int64; eps: see the module docstring.
+    Raises NonFiniteFeaturesError when some features are NaN or inf.
     """
     check_inputs(features, inputs, labels, num_classes, methods, removal_method, eps, eps_scope)
     start = time.perf_counter()
-    n_total = len(labels)
-    scores = {m: torch.zeros(n_total, dtype=torch.float64, device=features.device) for m in methods}
-    flagged = {m: torch.zeros(n_total, dtype=torch.bool, device=features.device) for m in methods}
     nearest_other = nearest_other_class_distance(inputs.float(), labels, num_classes)
-    # only SPECTRE reads beyond the filter's and clustering's few directions; the PCA costs ~ its rank
-    pca_rank = max(filter_rank, CLUSTER_DIMS, spectral_k, rank if "spectre" in methods else 0)
-    per_class, splits, sides = [], {}, {}
-    for label in range(num_classes):
-        count = int((labels == label).sum())
-        if count < 4:  # too few to split or whiten: nothing can be said about this class
-            per_class.append({"label": label, "n": count, "statistic": None})
+    q = pca_rank(methods, rank, filter_rank, spectral_k)
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    scores, flagged, per_class, threshold = audit_classes(
+        lambda label: class_pca(features, labels, label, q, generator), counts, nearest_other, eps=eps,
+        methods=methods, filter_rank=filter_rank, spectral_k=spectral_k, kappa=kappa, eps_scope=eps_scope,
+        removal_method=removal_method, generator=generator)
+    seconds = {"scoring": time.perf_counter() - start}
+    return AuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds)
+
+
+def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_other: torch.Tensor, *,
+                  eps: float | None, methods: tuple[str, ...], removal_method: str, filter_rank: int,
+                  spectral_k: int, kappa: float, eps_scope: str, generator: torch.Generator
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]], float | None]:
+    """(scores, flagged, per-class entries, threshold): every per-class decision of the audit.
+
+    pca_of(label) gives a class's principal coordinates (ClassPCA, index into the N samples); it is called
+    once per class with at least min_samples(filter_rank) samples, in label order, so a lazily computed PCA
+    draws from `generator` in the same order as the per-class steps. counts: samples per class;
+    nearest_other: (N,) input-space distance of each sample to the nearest other class's centroid.
+    """
+    n_total, device = len(nearest_other), nearest_other.device
+    scores = {m: torch.zeros(n_total, dtype=torch.float64, device=device) for m in methods}
+    flagged = {m: torch.zeros(n_total, dtype=torch.bool, device=device) for m in methods}
+    per_class, kept, sides = [], {}, {}
+    need = min_samples(filter_rank)
+    for label, count in enumerate(counts):
+        entry: dict[str, Any] = {"label": label, "n": count}
+        per_class.append(entry)
+        status = size_status(count, need)
+        if status is None:
+            pca = pca_of(label)
+            status = STATUS_CONSTANT if is_constant(pca.total_variance, pca.mean) else STATUS_OK
+        if status != STATUS_OK:
+            entry.update(status=status, statistic=None)
             continue
-        pca = class_pca(features, labels, label, pca_rank, generator)
         split = best_split(pca.coords[:, :filter_rank], generator)
         side = poison_side(split, nearest_other[pca.index])
-        splits[label], sides[label] = (pca, split), side
+        class_scores, class_flags = {}, {}
         if "filter" in methods:
-            scores["filter"][pca.index] = oriented_scores(split, side)
+            class_scores["filter"] = oriented_scores(split, side)
         if "spectral" in methods:
-            scores["spectral"][pca.index] = spectral_signature_scores(pca, spectral_k)
+            class_scores["spectral"] = spectral_signature_scores(pca, spectral_k)
         if "clustering" in methods:
-            ac_scores, ac_flags, _ = activation_clustering(pca.coords.float(), generator)
-            scores["clustering"][pca.index] = ac_scores.double()
-            flagged["clustering"][pca.index] = ac_flags
-        per_class.append({"label": label, "n": count, "statistic": split.separation, "direction": split.direction,
-                          "side_size": int(side.sum())})
+            ac_scores, class_flags["clustering"], _ = activation_clustering(pca.coords.float(), generator)
+            class_scores["clustering"] = ac_scores.double()
+        failed = [m for m, s in class_scores.items() if not torch.isfinite(s).all()]
+        if not math.isfinite(split.separation):
+            failed.insert(0, "split")
+        if failed:  # a bug or an extreme input; reported, never written as NaN
+            entry.update(status=f"numerical_failure ({', '.join(failed)} not finite)", statistic=None)
+            continue
+        for method, values in class_scores.items():
+            scores[method][pca.index] = values
+        for method, values in class_flags.items():
+            flagged[method][pca.index] = values
+        # only the index (and SPECTRE's coordinates) outlive this step: O(n q) memory, not O(n D)
+        kept[label] = (pca.index, pca.coords if "spectre" in methods else None)
+        sides[label] = side
+        entry.update(status=STATUS_OK, statistic=split.separation, direction=split.direction,
+                     side_size=int(side.sum()))
     scored = [c for c in per_class if c["statistic"] is not None]
-    poisoned, threshold = poisoned_classes(torch.tensor([c["statistic"] for c in scored]),
-                                           torch.tensor([c["side_size"] / c["n"] for c in scored]), kappa)
+    if scored:
+        poisoned, threshold = poisoned_classes(torch.tensor([c["statistic"] for c in scored]),
+                                               torch.tensor([c["side_size"] / c["n"] for c in scored]), kappa)
+    else:
+        poisoned, threshold = torch.zeros(0, dtype=torch.bool), None
     poisoned_iter = iter(poisoned.tolist())
     for entry in per_class:
         entry["poisoned"] = next(poisoned_iter) if entry["statistic"] is not None else False
         entry["threshold"] = threshold
         entry["estimated_poisons"] = entry.get("side_size", 0) if entry["poisoned"] else 0
         label = entry["label"]
-        if label not in splits:
+        if label not in kept:
             entry["budget"] = 0
+            entry["flagged"] = 0
             continue
-        pca, _ = splits[label]
+        index, coords = kept[label]
         class_eps = eps if eps is not None else entry["estimated_poisons"] / entry["n"]
         expected = eps * entry["n"] if eps is not None else entry["estimated_poisons"]
         if eps is not None and eps_scope == "poisoned" and not entry["poisoned"]:
@@ -163,21 +296,25 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
         # the tolerance keeps float noise (1.5 * 0.1 * 1000 = 150.00000000000003) from adding a sample
         entry["budget"] = min(entry["n"], math.ceil(BUDGET_FACTOR * expected - 1e-9))
         if "spectre" in methods:
-            spectre, info = spectre_scores(pca.coords, class_eps if class_eps > 0 else 0.05)
-            scores["spectre"][pca.index] = spectre
-            entry["spectre_rank"] = info["rank"]
+            spectre, info = spectre_scores(coords, class_eps if class_eps > 0 else 0.05)
+            if torch.isfinite(spectre).all():
+                scores["spectre"][index] = spectre
+                entry["spectre_rank"] = info["rank"]
+            else:  # left at 0 and unflagged below; the class's other methods stand
+                entry["status"] = "numerical_failure (spectre not finite)"
         for method in ("filter", "spectre", "spectral"):
             if method not in methods:
                 continue
-            if method == "filter" and eps is None:
+            if method == "spectre" and "spectre_rank" not in entry:
+                flags = torch.zeros_like(sides[label])
+            elif method == "filter" and eps is None:
                 flags = sides[label] if entry["poisoned"] else torch.zeros_like(sides[label])
             elif method == "filter":
                 flags, entry["filled_at_random"] = filter_budget_mask(
-                    scores["filter"][pca.index], sides[label] if entry["poisoned"] else torch.zeros_like(sides[label]),
+                    scores["filter"][index], sides[label] if entry["poisoned"] else torch.zeros_like(sides[label]),
                     entry["budget"], generator)
             else:
-                flags = top_k_mask(scores[method][pca.index], entry["budget"])
-            flagged[method][pca.index] = flags
-        entry["flagged"] = int(flagged[removal_method][pca.index].sum())
-    seconds = {"scoring": time.perf_counter() - start}
-    return AuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds)
+                flags = top_k_mask(scores[method][index], entry["budget"])
+            flagged[method][index] = flags
+        entry["flagged"] = int(flagged[removal_method][index].sum())
+    return scores, flagged, per_class, threshold

@@ -9,11 +9,13 @@ which ranks by distance from the origin rather than from the class mean.)
 All the audit methods start from the same per-class PCA, computed once with a
 seeded randomized range finder (Halko, Martinsson, Tropp 2011): a full
 covariance of 1024-3136-dim features costs more than the inference pass the
-features came from.
+features came from. (The streaming audit, stream.py, builds the same
+ClassPCA from an exact eigendecomposition of an accumulated covariance.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ class ClassPCA:
     variances: torch.Tensor   # (q,) variance along each direction, descending
     mean: torch.Tensor        # (D,) class mean
     directions: torch.Tensor  # (D, q) orthonormal principal directions
+    total_variance: float = math.inf  # sum of the variances of all D coordinates (tells a constant class)
 
 
 def top_principal(x: torch.Tensor, rank: int, generator: torch.Generator, power_iterations: int = 2,
@@ -61,8 +64,9 @@ def class_pca(features: torch.Tensor, labels: torch.Tensor, label: int, rank: in
     # sign convention: the direction's heavy side is positive, so plots and splits are stable
     skew = (coords ** 3).sum(0).sign()
     skew[skew == 0] = 1
+    total_variance = float(torch.linalg.vector_norm(centred)) ** 2 / max(len(index) - 1, 1)  # a reduction, no copy
     return ClassPCA(index, coords * skew, singular ** 2 / max(len(index) - 1, 1), mean.double(),
-                    directions * skew)
+                    directions * skew, total_variance)
 
 
 def spectral_signature_scores(pca: ClassPCA, k: int = 1) -> torch.Tensor:

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Benchmark: robust / non-robust feature datasets on MNIST (Ilyas et al. 2019), quality and speed.
+
+Speed: D_R build throughput (image-steps/s of `invert_representation`, the loop a
+build runs) against the raw forward + input-gradient backward of the same model at
+the same batch size and precision (the physical limit of the method), side by side,
+alternating, median of --repeats; on CUDA too when present.
+
+Quality: with params.yaml's build_* and robustify_eval sections (outputs redirected
+under --work), build D_R, D_NR, D_rand and D_det through the real build flow, train
+standard classifiers on D (the same number of original images) and on each D_*
+(seeds x learning-rate sweep), evaluate each on the original test set (clean, and
+PGD with restarts at Linf 0.1/0.2/0.3 and L2 1/2), and check the issue's targets.
+The robust and standard models are params.yaml's models/robust and models/standard
+(`make repro` builds them); missing ones are trained here with the same recipe.
+
+    python benchmarks/robustify.py [--speed-only] [--work bench-work/robustify] [--repeats 5]
+
+Prints the tables and writes reports/bench/robustify.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from robustdata.config import Params, load_params  # noqa: E402
+from robustdata.data.memory import load_in_memory  # noqa: E402
+from robustdata.io import code_version, read_json, write_json_atomic  # noqa: E402
+from robustdata.models import representation  # noqa: E402
+from robustdata.robustify import StepConfig, autocast_steps, frozen, invert_representation  # noqa: E402
+from robustdata.train import load_checkpoint, resolve_device  # noqa: E402
+
+log = Console(stderr=True)
+wide = Console(width=200)
+KINDS = ("robust", "nonrobust", "rand", "det")
+
+
+# ---------------------------------------------------------------------------------------------------- speed
+
+
+def raw_forward_backward(model, x: torch.Tensor, layer: str, steps: int, precision: str) -> float:
+    """Seconds for `steps` bare forward + input-gradient backward passes: no projection, no bookkeeping."""
+    with frozen(model):
+        x = x.clone().requires_grad_(True)
+        sync(x.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with autocast_steps(x.device, precision):
+                out = representation(model, x, layer).float().square().sum()
+            (grad,) = torch.autograd.grad(out, x)
+        sync(x.device)
+    return time.perf_counter() - start
+
+
+def inversion(model, targets: torch.Tensor, starts: torch.Tensor, layer: str, steps: int, precision: str) -> float:
+    """Seconds for the D_R builder's inversion of one batch (`steps` steps, its final measure included)."""
+    sync(targets.device)
+    start = time.perf_counter()
+    invert_representation(model, targets, starts, layer, StepConfig(steps, 0.1, "linear", precision=precision))
+    sync(targets.device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speed(model, images: torch.Tensor, batch_size: int, steps: int, repeats: int, precision: str,
+          layer: str) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    x = images[:batch_size].to(device).float().div(255.0)
+    starts = images[batch_size:2 * batch_size].to(device).float().div(255.0)
+    raw_forward_backward(model, x, layer, 3, precision)  # warm-up: kernels, allocator
+    inversion(model, x, starts, layer, 3, precision)
+    raw, ours = [], []
+    for _ in range(repeats):  # alternate, so drift in machine load hits both alike
+        raw.append(batch_size * steps / raw_forward_backward(model, x, layer, steps, precision))
+        ours.append(batch_size * steps / inversion(model, x, starts, layer, steps, precision))
+    return {"device": str(device), "precision": precision, "batch_size": batch_size, "steps": steps,
+            "repeats": repeats, "raw_image_steps_per_s": raw, "inversion_image_steps_per_s": ours,
+            "median_raw": statistics.median(raw), "median_inversion": statistics.median(ours),
+            "ratio": statistics.median(ours) / statistics.median(raw)}
+
+
+# -------------------------------------------------------------------------------------------------- quality
+
+
+def redirected(params: Params, work: Path) -> Params:
+    """params.yaml's recipe, with every output under `work` (the DVC outputs stay untouched)."""
+    update: dict[str, Any] = {}
+    for kind in KINDS:
+        section = getattr(params, f"build_{kind}")
+        update[f"build_{kind}"] = section.model_copy(update={"out": work / "built" / kind})
+    update["robustify_eval"] = params.robustify_eval.model_copy(
+        update={"models": work / "models", "out": work / "reports"})
+    return params.model_copy(update=update)
+
+
+def ensure_models(params: Params) -> None:
+    from flows.train import train_flow
+
+    for section in (params.train_standard, params.train_plain, params.train_robust):
+        if not (Path(section.out) / "model.pt").exists():
+            log.log(f"training {section.out} (params.yaml recipe)")
+            train_flow(section)
+
+
+def quality(params: Params, work: Path) -> dict[str, Any]:
+    from flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
+
+    ensure_models(params)
+    params = redirected(params, work)
+    builds = {}
+    for kind in KINDS:
+        section = getattr(params, f"build_{kind}")
+        start = time.perf_counter()
+        result = run_build(section)
+        builds[kind] = {"seconds": time.perf_counter() - start, "samples": result["num_samples"],
+                        "shards_built": result["shards_built"],
+                        "image_steps_per_s": statistics.median(s["image_steps_per_second"] for s in result["shards"])
+                        if result["shards"] else None}
+        log.log(f"built {kind}: {builds[kind]}")
+    results = {}
+    for kind in ("original", *KINDS):
+        data, limit = dataset_for(kind, params)
+        start = time.perf_counter()
+        evaluate_built_flow(kind, data, limit, params.robustify_eval)
+        results[kind] = read_json(Path(params.robustify_eval.out) / f"{kind}.json")
+        results[kind]["seconds"] = time.perf_counter() - start
+        log.log(f"evaluated {kind}: clean {results[kind]['clean_accuracy']}, robust {results[kind]['robust']}")
+    report = robustify_report_flow(params)
+    return {"builds": builds, "results": {k: {kk: vv for kk, vv in v.items() if kk != "details"}
+                                          for k, v in results.items()},
+            "report": report["report"], "targets": targets(results)}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's quality targets, each with its measured value and verdict."""
+    mean = lambda kind, key: results[kind]["robust"][key]["mean"]  # noqa: E731
+    clean = lambda kind: results[kind]["clean_accuracy"]["mean"]  # noqa: E731
+    checks = [
+        ("D_R clean accuracy >= 97%", clean("robust"), clean("robust") >= 0.97),
+        ("D_R - D robust accuracy at Linf 0.2 >= 20 pts", mean("robust", "linf_0.2") - mean("original", "linf_0.2"),
+         mean("robust", "linf_0.2") - mean("original", "linf_0.2") >= 0.20),
+        ("D_R / D robust accuracy at Linf 0.3 >= 2.5x",
+         mean("robust", "linf_0.3") / max(mean("original", "linf_0.3"), 1e-9),
+         mean("robust", "linf_0.3") >= 2.5 * mean("original", "linf_0.3")),
+        ("D_NR no more robust than D (within 2 pts, every attack)",
+         max(mean("nonrobust", a) - mean("original", a) for a in results["original"]["robust"]),
+         all(mean("nonrobust", a) <= mean("original", a) + 0.02 for a in results["original"]["robust"])),
+        ("D_det accuracy on the original test set >= 40%", clean("det"), clean("det") >= 0.40),
+        ("D_rand accuracy on the original test set >= 70%", clean("rand"), clean("rand") >= 0.70),
+    ]
+    return [{"target": name, "value": value, "met": bool(met)} for name, value, met in checks]
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    table = Table(title="D_R build throughput vs raw forward + input-gradient backward (median image-steps/s)")
+    for column in ("device", "precision", "batch", "steps", "raw fwd+bwd", "inversion (build)", "ratio"):
+        table.add_column(column, justify="right")
+    for row in report["speed"]:
+        table.add_row(row["device"], row["precision"], str(row["batch_size"]), str(row["steps"]),
+                      f"{row['median_raw']:,.0f}", f"{row['median_inversion']:,.0f}", f"{row['ratio']:.3f}")
+    wide.print(table)
+    if "quality" not in report:
+        return
+    quality_report = report["quality"]
+    results = quality_report["results"]
+    attacks = list(results["original"]["robust"])
+    table = Table(title="standard classifiers trained on each dataset, original test set (mean ± std, %)")
+    for column in ("trained on", "clean", *attacks, "build s", "eval s"):
+        table.add_column(column, justify="right")
+    for kind, r in results.items():
+        build = quality_report["builds"].get(kind, {})
+        table.add_row(kind, pm(r["clean_accuracy"]), *(pm(r["robust"][a]) for a in attacks),
+                      f"{build.get('seconds', 0):.0f}" if build else "-", f"{r['seconds']:.0f}")
+    wide.print(table)
+    table = Table(title="targets")
+    for column in ("target", "value", "met"):
+        table.add_column(column)
+    for t in quality_report["targets"]:
+        table.add_row(t["target"], f"{t['value']:.4f}", "yes" if t["met"] else "NO")
+    wide.print(table)
+
+
+def pm(stats: dict[str, float]) -> str:
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--work", type=Path, default=REPO / "bench-work" / "robustify")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--speed-steps", type=int, default=20)
+    parser.add_argument("--speed-only", action="store_true", help="Skip the quality experiment (about 2 h on CPU).")
+    parser.add_argument("--out", type=Path, default=REPO / "reports/bench/robustify.json")
+    args = parser.parse_args()
+    os.chdir(REPO)
+    params = load_params(args.params)
+    build = params.build_robust
+    train = load_in_memory(Path(build.data) / "train", progress=False)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device_name in devices:
+        device = resolve_device(device_name)
+        path = Path(build.model) / "model.pt"
+        if not path.exists():
+            ensure_models(params)
+        model, _ = load_checkpoint(path, device)
+        for precision in ("fp32", "bf16"):
+            rows.append(speed(model, train.images, build.batch_size, args.speed_steps, args.repeats, precision,
+                              build.layer))
+            log.log(f"speed {rows[-1]['device']} {precision}: ratio {rows[-1]['ratio']:.3f}")
+    report: dict[str, Any] = {
+        "speed": rows, "params": {k: getattr(params, f"build_{k}").model_dump(mode="json") for k in KINDS},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "built_by": code_version()}
+    if not args.speed_only:
+        start = time.perf_counter()
+        report["quality"] = quality(params, args.work)
+        report["quality"]["seconds"] = time.perf_counter() - start
+        report["robustify_eval"] = params.robustify_eval.model_dump(mode="json")
+    write_json_atomic(args.out, report)
+    print_tables(report)
+    log.log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Build flows (D_R, D_NR, D_rand, D_det) and the flows that train and evaluate classifiers on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pathlib import Path
+
+from robustdata.config import BuildParams, Params, RobustifyEvalParams
+from tasks.robustify import (ORIGINAL, build_shard_task, evaluate_on_task, finish_build_task, plan_build_task,
+                             robustify_report_task, train_on_task, write_kind_results)
+
+
+@flow(name="build")
+def build_flow(params: BuildParams) -> dict[str, Any]:
+    """Build one dataset kind shard by shard (resuming a killed build), then write its manifest and card.
+
+    Shards are mapped over the flow's task runner: threads here (params.workers), a Dask cluster when
+    the caller swaps the runner in with `build_flow.with_options(task_runner=...)`.
+    """
+    planned = plan_build_task(params)
+    futures = build_shard_task.map(unmapped(params), planned["missing"])
+    shards = [future.result() for future in futures]
+    finished = finish_build_task(params)
+    rates = [s["image_steps_per_second"] for s in shards]
+    lines = [f"# build {params.kind}", "",
+             f"- {finished['num_samples']} samples in {planned['num_shards']} shards "
+             f"({len(shards)} built now, {planned['num_shards'] - len(shards)} resumed from an earlier run)",
+             f"- {params.steps} steps of {params.step_size} ({params.schedule}), layer {params.layer}, "
+             f"eps {params.eps}, model {params.model}"]
+    if rates:
+        lines.append(f"- throughput {sum(rates) / len(rates):,.0f} image-steps/s per shard")
+    create_markdown_artifact("\n".join(lines), key=f"build-{params.kind}", description=f"build {params.kind}")
+    return {**finished, "shards_built": len(shards), "num_shards": planned["num_shards"], "shards": shards}
+
+
+def task_runner_for(params: BuildParams):
+    """Threads in this process by default; Dask worker processes with `dask: local` (a LocalCluster of
+    `workers` single-threaded workers) or any running Dask scheduler (`dask: tcp://host:8786`)."""
+    if params.dask is None:
+        return ThreadPoolTaskRunner(max_workers=params.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if params.dask == "local":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(address=params.dask)
+
+
+def run_build(params: BuildParams) -> dict[str, Any]:
+    """The build flow on the task runner `params` ask for."""
+    return build_flow.with_options(task_runner=task_runner_for(params))(params)
+
+
+def dataset_for(kind: str, params: Params) -> tuple[Path, int | None]:
+    """(data directory with train/ and val/, images used) of a kind: D is the original training set cut to
+    the size of the builds, so every classifier sees the same number of images."""
+    if kind == ORIGINAL:
+        return params.build_robust.data, params.build_robust.limit
+    return getattr(params, f"build_{kind}").out, None
+
+
+@flow(name="evaluate-built")
+def evaluate_built_flow(kind: str, data: Path, limit: int | None, params: RobustifyEvalParams) -> dict[str, Any]:
+    """Train standard classifiers on one dataset (seeds x learning-rate sweep) and evaluate each on the
+    original test set: clean accuracy and robust accuracy under every attack. Writes <out>/<kind>.json."""
+    runs = []
+    for seed in params.seeds:
+        trained = train_on_task(kind, data, limit, params, seed)
+        runs.append(evaluate_on_task(trained, params))
+    path = write_kind_results(kind, data, runs, params)
+    lines = [f"# trained on {kind}", "", "| seed | lr | clean | " + " | ".join(runs[0]["robust"]) + " |",
+             "|" + "---|" * (3 + len(runs[0]["robust"]))]
+    for r in runs:
+        lines.append(f"| {r['seed']} | {r['lr']:g} | {100 * r['clean_accuracy']:.2f}% | "
+                     + " | ".join(f"{100 * v:.2f}%" for v in r["robust"].values()) + " |")
+    create_markdown_artifact("\n".join(lines), key=f"evaluate-{kind}", description=f"classifiers trained on {kind}")
+    return {"out": str(path), "runs": [{k: v for k, v in r.items() if k != "details"} for r in runs]}
+
+
+@flow(name="robustify-report")
+def robustify_report_flow(params: Params) -> dict[str, Any]:
+    """The Ilyas et al. table, image grids and saliency maps from the evaluation results."""
+    builds = {kind: getattr(params, f"build_{kind}") for kind in ("robust", "nonrobust", "rand", "det")}
+    result = robustify_report_task(builds, params.robustify_eval, params.build_robust.data,
+                                   params.build_robust.model, params.build_nonrobust.model)
+    create_markdown_artifact(result["markdown"], key="robustify-report", description="Ilyas et al. experiment")
+    return result

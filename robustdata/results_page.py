@@ -1,0 +1,100 @@
+"""The results page (reports/index.html + index.md): one page a person opens after a run.
+
+It gathers what each stage already wrote (JSON metrics and figures) into three
+tables, the audit before/after, the robustification experiment and the models'
+evaluation, with the figures below. It computes nothing new: every number on
+the page is read from a metrics file that `dvc metrics show` prints too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from robustdata.io import write_bytes_atomic
+from robustdata.report import DocImage, DocTable, render_html, render_markdown
+from robustdata.robustify_report import KIND_NAMES, KIND_ORDER, pm
+
+MISSING = "-"
+
+
+def percent(value: float | None) -> str:
+    return MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def audit_table(audit_metrics: dict[str, Any] | None, loop_metrics: dict[str, Any] | None) -> list:
+    """Bullets from the audit's gate metrics, and the before/after table (clean accuracy and ASR per model)."""
+    blocks: list = []
+    if audit_metrics:
+        bullets = [f"flagged {audit_metrics['num_flagged']} samples "
+                   f"({percent(audit_metrics['flagged_fraction'])} of the training set), "
+                   f"{audit_metrics['poisoned_classes']} class(es) judged poisoned"]
+        if audit_metrics.get("tpr") is not None:
+            bullets.append(f"against the planted canaries: TPR {percent(audit_metrics['tpr'])}, "
+                           f"FPR {percent(audit_metrics['fpr'])}, AUROC {audit_metrics['auroc']:.4f}")
+        blocks.append(bullets)
+    if loop_metrics:
+        rows = [[name, percent(m["clean_accuracy"]), percent(m["asr"])] for name, m in loop_metrics.items()]
+        blocks.append(DocTable(["model", "clean accuracy", "attack success rate"], rows,
+                               [name == "filtered" for name in loop_metrics]))
+    return blocks
+
+
+def robustify_table(summary: dict[str, Any] | None) -> list:
+    """Mean +- std over seeds of every dataset's classifiers, as reports/robustify/summary.json has them."""
+    if not summary:
+        return []
+    results = summary["results"]
+    kinds = [k for k in KIND_ORDER if k in results]
+    attacks = list(results[kinds[0]]["robust"]) if kinds else []
+    header = ["trained on", "seeds", "clean %"] + [f"{a.replace('_', ' eps ')} %" for a in attacks]
+    rows = [[KIND_NAMES[k], str(len(results[k]["runs"])), pm(results[k]["clean_accuracy"])]
+            + [pm(results[k]["robust"][a]) for a in attacks] for k in kinds]
+    return [DocTable(header, rows, [k == "robust" for k in kinds])]
+
+
+def evaluation_table(metrics: dict[str, Any] | None) -> list:
+    if not metrics:
+        return []
+    columns = sorted({key for m in metrics.values() for key in m})
+    rows = [[name] + [percent(m.get(c)) for c in columns] for name, m in metrics.items()]
+    return [DocTable(["model"] + [c.replace("_", " ") for c in columns], rows, [False] * len(rows))]
+
+
+def figures(root: Path, directories: list[Path]) -> list[DocImage]:
+    """Every PNG under the given report directories, linked relative to the page."""
+    images = []
+    for directory in directories:
+        for path in sorted(Path(directory).glob("figures/*.png")):
+            images.append(DocImage(f"{directory.name}: {path.stem.replace('_', ' ')}",
+                                   Path(os.path.relpath(path, root)).as_posix()))
+    return images
+
+
+def document(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> list[tuple[str, list]]:
+    sections: list[tuple[str, list]] = [("robustdata results", [[
+        "Every number below is read from the JSON metrics the stages wrote (`dvc metrics show` prints the same)."]])]
+    audit = audit_table(inputs.get("audit"), inputs.get("audit_loop"))
+    if audit:
+        sections.append(("Poisoning audit: before and after removing what it flagged", audit))
+    robust = robustify_table(inputs.get("robustify"))
+    if robust:
+        sections.append(("Robust and non-robust features: standard classifiers on each dataset, original test set",
+                         robust))
+    evaluation = evaluation_table(inputs.get("evaluate"))
+    if evaluation:
+        sections.append(("Models: clean and robust accuracy", evaluation))
+    images = figures(root, figure_dirs)
+    if images:
+        sections.append(("Figures", images))
+    return sections
+
+
+def write_results_page(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> dict[str, Path]:
+    """<root>/index.md and <root>/index.html (atomic)."""
+    doc = document(Path(root), inputs, figure_dirs)
+    paths = {"markdown": Path(root) / "index.md", "html": Path(root) / "index.html"}
+    write_bytes_atomic(paths["markdown"], render_markdown(doc).encode())
+    write_bytes_atomic(paths["html"], render_html(doc).encode())
+    return paths

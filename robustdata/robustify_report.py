@@ -1,0 +1,174 @@
+"""The robustification report: the Ilyas et al. table, image grids and saliency maps.
+
+Same conventions as robustdata.report: matplotlib's object API (headless, thread
+safe), figures first and the documents last, every file atomic, same inputs
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from robustdata.io import write_bytes_atomic, write_json_atomic
+from robustdata.report import DocImage, DocTable, render_html, render_markdown, write_png
+
+FIGURES_DIR = "figures"
+KIND_ORDER = ("original", "robust", "nonrobust", "rand", "det")
+KIND_NAMES = {"original": "D", "robust": "D_R", "nonrobust": "D_NR", "rand": "D_rand", "det": "D_det"}
+# Ilyas et al. 2019 on CIFAR-10 (ResNet-50), as DESIGN.md section 4 quotes them: clean accuracy on the
+# original test set, and robust accuracy under L2 eps 0.25 (PGD-7) where the paper reports it.
+PAPER_CIFAR10 = {"robust": ("84%", "48%"), "nonrobust": ("88%", "0.8%"), "rand": ("63%", "-"),
+                 "det": ("44%", "-")}
+
+
+def pm(stats: dict[str, float] | None) -> str:
+    """mean +- std in percent."""
+    if stats is None:
+        return "-"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> DocTable:
+    """One row per dataset: clean and robust accuracy (mean +- std over seeds), the paper's numbers beside."""
+    kinds = [k for k in KIND_ORDER if k in results]
+    attacks = list(results[kinds[0]]["robust"]) if kinds else []
+    header = (["trained on", "seeds", "lr", "clean %"] + [f"{name.replace('_', ' eps ')} %" for name in attacks]
+              + ["paper CIFAR-10 clean", "paper robust (L2 0.25)"])
+    rows = []
+    for kind in kinds:
+        r = results[kind]
+        lrs = sorted({run["lr"] for run in r["runs"]})
+        paper = PAPER_CIFAR10.get(kind, ("-", "-"))
+        rows.append([KIND_NAMES[kind], str(len(r["runs"])), ", ".join(f"{lr:g}" for lr in lrs),
+                     pm(r["clean_accuracy"])] + [pm(r["robust"][a]) for a in attacks] + list(paper))
+    return DocTable(header, rows, [k == "robust" for k in kinds])
+
+
+def headline(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The comparisons the Ilyas et al. experiment is about, in words."""
+    lines = []
+    base = results.get("original")
+    for kind in ("robust", "nonrobust"):
+        if base and kind in results:
+            deltas = ", ".join(
+                f"{name.replace('_', ' eps ')} {100 * (results[kind]['robust'][name]['mean'] - s['mean']):+.1f} pts"
+                for name, s in base["robust"].items())
+            lines.append(f"{KIND_NAMES[kind]} vs D, robust accuracy: {deltas}")
+    for kind in ("rand", "det"):
+        if kind in results:
+            lines.append(f"{KIND_NAMES[kind]}: {pm(results[kind]['clean_accuracy'])}% on the original test set "
+                         "(chance 10%): non-robust features alone generalise")
+    return lines
+
+
+def gate_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Means only, flat per dataset: what `dvc metrics show` prints and a CI job gates on."""
+    return {kind: {"clean_accuracy": r["clean_accuracy"]["mean"],
+                   **{f"robust_{name}": s["mean"] for name, s in r["robust"].items()}}
+            for kind, r in results.items()}
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def _gray(ax, image: np.ndarray, caption: str, cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0) -> None:
+    ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(caption, fontsize=7)
+
+
+def _hwc(images: torch.Tensor) -> np.ndarray:
+    """uint8 or float (N, C, H, W) -> float (N, H, W[, C]) in [0, 1] for imshow."""
+    array = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    array = array.permute(0, 2, 3, 1).cpu().numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def image_rows_figure(rows: list[tuple[str, torch.Tensor, list[str]]], title: str) -> Figure:
+    """A grid: one row per (row title, images (n, C, H, W), captions)."""
+    n = max(len(images) for _, images, _ in rows)
+    figure = Figure(figsize=(1.1 * n + 1.2, 1.35 * len(rows) + 0.4))
+    axes = figure.subplots(len(rows), n, squeeze=False)
+    for r, (name, images, captions) in enumerate(rows):
+        pictures = _hwc(images)
+        for c in range(n):
+            ax = axes[r][c]
+            if c < len(pictures):
+                _gray(ax, pictures[c], captions[c])
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(name, fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def saliency_figure(images: torch.Tensor, gradients: dict[str, torch.Tensor], labels: list[str]) -> Figure:
+    """Images, then each model's input gradient per image (diverging colours, scaled per image)."""
+    n = len(images)
+    figure = Figure(figsize=(1.1 * n + 1.2, 1.35 * (1 + len(gradients)) + 0.4))
+    axes = figure.subplots(1 + len(gradients), n, squeeze=False)
+    pictures = _hwc(images)
+    for c in range(n):
+        _gray(axes[0][c], pictures[c], labels[c])
+    axes[0][0].set_ylabel("image", fontsize=8)
+    for r, (name, grad) in enumerate(gradients.items(), start=1):
+        maps = grad.float().sum(1).cpu().numpy()  # over channels: (n, H, W)
+        for c in range(n):
+            scale = float(np.abs(maps[c]).max()) or 1.0
+            _gray(axes[r][c], maps[c] / scale, "", cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+        axes[r][0].set_ylabel(name, fontsize=8)
+    figure.suptitle("input gradients (saliency) of the loss for the true label", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------- documents
+
+
+def document(results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]],
+             figures: dict[str, str]) -> list[tuple[str, list]]:
+    sections: list[tuple[str, list]] = [("Robust and non-robust features (Ilyas et al. 2019)", [headline(results)])]
+    sections.append(("Standard classifiers trained on each dataset, evaluated on the original test set",
+                     [results_table(results),
+                      ["Robust accuracy: PGD with random restarts on the first test images (see the JSON for "
+                       "steps, restarts and n); mean ± std over seeds. The paper's numbers are CIFAR-10 with a "
+                       "ResNet-50, for reference only: MNIST standard models are already fairly robust at "
+                       "small eps, so the gap shows at Linf 0.2 and 0.3."]]))
+    if builds:
+        rows = [[KIND_NAMES[kind], str(b.get("num_samples", "-")), str(b.get("steps", "-")),
+                 str(b.get("step_size", "-")), str(b.get("schedule", "-")), str(b.get("eps", "-")),
+                 b.get("model", "-"), b.get("final", "-")] for kind, b in builds.items()]
+        sections.append(("How each dataset was built", [DocTable(
+            ["dataset", "samples", "steps", "step size", "schedule", "eps (L2)", "model", "final distance / loss"],
+            rows, [False] * len(rows))]))
+    if figures:
+        sections.append(("Figures", [DocImage(title, src) for title, src in figures.items()]))
+    return sections
+
+
+def write_report(out_dir: Path, results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]],
+                 figures: dict[str, Figure]) -> dict[str, Path]:
+    """figures/*.png, then metrics.json, summary.json, report.md and report.html under out_dir."""
+    out_dir = Path(out_dir)
+    paths: dict[str, Path] = {}
+    sources: dict[str, str] = {}
+    for index, (title, figure) in enumerate(figures.items()):
+        relative = f"{FIGURES_DIR}/figure_{index}.png"
+        write_png(out_dir / relative, figure)
+        sources[title] = relative
+        paths[title] = out_dir / relative
+    write_json_atomic(out_dir / "metrics.json", gate_metrics(results))
+    write_json_atomic(out_dir / "summary.json", {"results": {k: {kk: vv for kk, vv in v.items() if kk != "details"}
+                                                             for k, v in results.items()}, "builds": builds})
+    doc = document(results, builds, sources)
+    paths["markdown"], paths["html"] = out_dir / "report.md", out_dir / "report.html"
+    write_bytes_atomic(paths["html"], render_html(doc).encode())
+    write_bytes_atomic(paths["markdown"], render_markdown(doc).encode())
+    return paths
