@@ -12,9 +12,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-run: $(STAMP)  ## the main job on the embedded default data: ingest MNIST, then the audit loop on planted poisons
-	$(BIN)/robustdata ingest --params params.yaml
-	$(BIN)/robustdata audit-loop --params params.yaml --plant
+run: $(STAMP)  ## the main job, quick profile: the whole dvc.yaml pipeline on MNIST, ending with reports/index.html
+	$(BIN)/robustdata repro
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest
@@ -22,13 +21,14 @@ test: $(STAMP)  ## the fast test suite
 test-all: $(STAMP)  ## every test, the slow ones too
 	$(BIN)/python -m pytest -m ''
 
-repro: $(STAMP)  ## run the DVC pipeline (dvc.yaml)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+repro: run  ## the same: dvc repro of dvc.yaml with one Prefect server for all stages
 
 bench: $(STAMP)  ## benchmarks -> reports/bench/*.json
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/audit.py
+	$(BIN)/python benchmarks/robustify.py --profile full
+	$(BIN)/python benchmarks/pipeline.py
 
 clean-venv:
 	rm -rf $(VENV)

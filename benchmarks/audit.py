@@ -41,9 +41,9 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from robustdata.audit.features import extract_features  # noqa: E402
-from robustdata.audit.metrics import confusion, detection_metrics  # noqa: E402
-from robustdata.audit.run import run_audit  # noqa: E402
+from robustdata.detection.features import extract_features  # noqa: E402
+from robustdata.detection.metrics import confusion, detection_metrics  # noqa: E402
+from robustdata.detection.run import run_audit  # noqa: E402
 from robustdata.config import load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402

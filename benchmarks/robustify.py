@@ -6,15 +6,15 @@ build runs) against the raw forward + input-gradient backward of the same model 
 the same batch size and precision (the physical limit of the method), side by side,
 alternating, median of --repeats; on CUDA too when present.
 
-Quality: with params.yaml's build_* and robustify_eval sections (outputs redirected
+Quality: with the full profile's build_* and robustify_eval sections (outputs redirected
 under --work), build D_R, D_NR, D_rand and D_det through the real build flow, train
 standard classifiers on D (the same number of original images) and on each D_*
 (seeds x learning-rate sweep), evaluate each on the original test set (clean, and
 PGD with restarts at Linf 0.1/0.2/0.3 and L2 1/2), and check the issue's targets.
-The robust and standard models are params.yaml's models/robust and models/standard
-(`make repro` builds them); missing ones are trained here with the same recipe.
+The standard, plain and robust models are trained here with the profile's recipe, under
+--work (kept: a rerun reuses them).
 
-    python benchmarks/robustify.py [--speed-only] [--work bench-work/robustify] [--repeats 5]
+    python benchmarks/robustify.py [--speed-only] [--profile full] [--work bench-work/robustify] [--repeats 5]
 
 Prints the tables and writes reports/bench/robustify.json.
 """
@@ -104,11 +104,18 @@ def speed(model, images: torch.Tensor, batch_size: int, steps: int, repeats: int
 
 
 def redirected(params: Params, work: Path) -> Params:
-    """params.yaml's recipe, with every output under `work` (the DVC outputs stay untouched)."""
+    """The profile's recipe with every output under `work`: the source models too, so models that
+    `dvc repro` trained with another profile are never taken for this one's."""
     update: dict[str, Any] = {}
+    moved: dict[Path, Path] = {}
+    for name in ("train_standard", "train_plain", "train_robust"):
+        section = getattr(params, name)
+        moved[Path(section.out)] = work / "source-models" / name
+        update[name] = section.model_copy(update={"out": moved[Path(section.out)]})
     for kind in KINDS:
         section = getattr(params, f"build_{kind}")
-        update[f"build_{kind}"] = section.model_copy(update={"out": work / "built" / kind})
+        update[f"build_{kind}"] = section.model_copy(
+            update={"out": work / "built" / kind, "model": moved.get(Path(section.model), section.model)})
     update["robustify_eval"] = params.robustify_eval.model_copy(
         update={"models": work / "models", "out": work / "reports"})
     return params.model_copy(update=update)
@@ -119,7 +126,7 @@ def ensure_models(params: Params) -> None:
 
     for section in (params.train_standard, params.train_plain, params.train_robust):
         if not (Path(section.out) / "model.pt").exists():
-            log.log(f"training {section.out} (params.yaml recipe)")
+            log.log(f"training {section.out}")
             train_flow(section)
 
 
@@ -127,7 +134,6 @@ def quality(params: Params, work: Path) -> dict[str, Any]:
     from flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
 
     ensure_models(params)
-    params = redirected(params, work)
     builds = {}
     for kind in KINDS:
         section = getattr(params, f"build_{kind}")
@@ -211,6 +217,8 @@ def pm(stats: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--profile", default="full", help="Laid over the params (profiles/<name>.yaml); 'none' for "
+                        "params.yaml alone (the quick profile).")
     parser.add_argument("--work", type=Path, default=REPO / "bench-work" / "robustify")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--speed-steps", type=int, default=20)
@@ -218,8 +226,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/robustify.json")
     args = parser.parse_args()
     os.chdir(REPO)
-    params = load_params(args.params)
+    params = redirected(load_params(args.params, profile=None if args.profile == "none" else args.profile), args.work)
     build = params.build_robust
+    if not (Path(build.data) / "train").exists():
+        from flows.ingest import ingest_flow
+
+        log.log(f"ingesting {build.data}")
+        ingest_flow(params.ingest)
     train = load_in_memory(Path(build.data) / "train", progress=False)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []

@@ -405,6 +405,50 @@ def pipeline(
 
 
 @app.command()
+def repro(
+    targets: Optional[list[str]] = typer.Argument(None, help="Stages to bring up to date (default: all of dvc.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Rerun the stages even when DVC finds them up to date."),
+) -> None:
+    """`dvc repro` with one Prefect server shared by every stage (PREFECT_API_URL when set, else one started
+    on loopback for the run), then the path of the results page. The README's main command."""
+    import subprocess
+
+    def command() -> int:
+        from flows.server import prefect_server
+
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        log = Path(".dvc/tmp/prefect-server.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with prefect_server(log=log, env=env) as url:
+            console.print(f"Prefect API {url}")
+            code = subprocess.call(["dvc", "repro", *(["--force"] if force else []), *(targets or [])],
+                                   env={**env, "PREFECT_API_URL": url})
+        if code == 0 and Path("reports/index.html").exists():
+            console.print(f"results page: {Path('reports/index.html').resolve()} (and reports/index.md)")
+        return code
+
+    raise typer.Exit(run_guarded(command))
+
+
+@app.command(name="show-params")
+def show_params(
+    params: Optional[Path] = typer.Option(Path("params.yaml"), help="The params file."),
+    profile: Optional[str] = typer.Option(None, help="A profile laid over it: full (profiles/*.yaml) or a YAML path."),
+) -> None:
+    """Print the merged, validated params as YAML: `robustdata show-params --profile full > p.yaml`."""
+    import yaml
+
+    from robustdata.config import load_params
+
+    def command() -> None:
+        config = load_params(params, profile=profile)
+        sys.stdout.write(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    run_guarded(command)
+
+
+@app.command()
 def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where each stage wrote its metrics).")
             ) -> None:
     """Write the results page (reports/index.html + index.md) from the stages' JSON metrics and figures."""

@@ -18,6 +18,7 @@ from robustdata.io import write_bytes_atomic, write_json_atomic
 from robustdata.report import DocImage, DocTable, render_html, render_markdown, write_png
 
 FIGURES_DIR = "figures"
+PLOTS_DIR = "plots"  # DVC plots data: robust accuracy against eps, one file per threat model
 KIND_ORDER = ("original", "robust", "nonrobust", "rand", "det")
 KIND_NAMES = {"original": "D", "robust": "D_R", "nonrobust": "D_NR", "rand": "D_rand", "det": "D_det"}
 # Ilyas et al. 2019 on CIFAR-10 (ResNet-50), as DESIGN.md section 4 quotes them: clean accuracy on the
@@ -71,6 +72,20 @@ def gate_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {kind: {"clean_accuracy": r["clean_accuracy"]["mean"],
                    **{f"robust_{name}": s["mean"] for name, s in r["robust"].items()}}
             for kind, r in results.items()}
+
+
+def plot_curves(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Robust accuracy against eps, one record per eps (0 = clean) with a column per dataset, per threat model:
+    the files DVC plots (`dvc plots show`, `dvc plots diff`) draw as one line per dataset."""
+    kinds = [k for k in KIND_ORDER if k in results]
+    attacks = list(results[kinds[0]]["robust"]) if kinds else []
+    curves: dict[str, list[dict[str, float]]] = {}
+    for threat in dict.fromkeys(name.split("_")[0] for name in attacks):
+        points = [(0.0, {KIND_NAMES[k]: results[k]["clean_accuracy"]["mean"] for k in kinds})]
+        points += [(float(name.split("_", 1)[1]), {KIND_NAMES[k]: results[k]["robust"][name]["mean"] for k in kinds})
+                   for name in attacks if name.split("_")[0] == threat]
+        curves[threat] = [{"eps": eps, **row} for eps, row in points]
+    return curves
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -165,6 +180,8 @@ def write_report(out_dir: Path, results: dict[str, dict[str, Any]], builds: dict
         sources[title] = relative
         paths[title] = out_dir / relative
     write_json_atomic(out_dir / "metrics.json", gate_metrics(results))
+    for threat, curve in plot_curves(results).items():
+        write_json_atomic(out_dir / PLOTS_DIR / f"{threat}.json", curve)
     write_json_atomic(out_dir / "summary.json", {"results": {k: {kk: vv for kk, vv in v.items() if kk != "details"}
                                                              for k, v in results.items()}, "builds": builds})
     doc = document(results, builds, sources)

@@ -13,9 +13,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from robustdata.audit.features import extract_features
-from robustdata.audit.metrics import detection_metrics
-from robustdata.audit.run import AuditResult, NonFiniteFeaturesError, run_audit
+from robustdata.detection.features import extract_features
+from robustdata.detection.metrics import detection_metrics
+from robustdata.detection.run import AuditResult, NonFiniteFeaturesError, run_audit
 from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory
@@ -28,8 +28,8 @@ from robustdata.train import generator_for, load_checkpoint, predict, resolve_de
 from tasks.train import MODEL_FILE
 
 POISON_MODULES = ("poison.py", "derive.py")
-AUDIT_MODULES = ("audit/features.py", "audit/spectral.py", "audit/spectre.py", "audit/clustering.py",
-                 "audit/filtering.py", "audit/run.py", "derive.py")
+AUDIT_MODULES = ("detection/features.py", "detection/spectral.py", "detection/spectre.py", "detection/clustering.py",
+                 "detection/filtering.py", "detection/run.py", "derive.py")
 
 
 # --------------------------------------------------------------------------------------------- poison
@@ -155,6 +155,12 @@ def gate_metrics(summary: dict[str, Any]) -> dict[str, Any]:
             **{k: overall.get(k) for k in ("tpr", "fpr", "precision", "auroc", "auprc") if overall}}
 
 
+def separation_plot(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each class's separation statistic beside the threshold that judges it poisoned (DVC plots data)."""
+    return [{"class": c["name"], "separation": c["statistic"], "threshold": c["threshold"],
+             "flagged": c["flagged"]} for c in summary["classes"]]
+
+
 @task(name="audit", cache_policy=NO_CACHE)
 def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
     """Score <data>/train through the model, write the scores + report, and the filtered dataset."""
@@ -187,6 +193,7 @@ def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
         write_parquet_atomic(staging / "scores.parquet", table)
         write_json_atomic(staging / "summary.json", summary)
         write_json_atomic(staging / "metrics.json", gate_metrics(summary))
+        write_json_atomic(staging / "plots" / "separation.json", separation_plot(summary))
         write_audit_report(staging, summary, table, data.images, classes=data.classes)
     write_filtered(params, train_set, data, manifest, result.removed.cpu(), progress)
     return {"report": str(params.report), "out": str(params.out), "num_flagged": summary["num_flagged"],

@@ -85,7 +85,16 @@ def samples_of(kind: str, data: InMemoryDataset, index: torch.Tensor, built, ima
 
 @task(name="build-shard", cache_policy=NO_CACHE)
 def build_shard_task(params: BuildParams, index: int) -> dict[str, Any]:
-    """Build shard `index` of the plan and write it (tar, then its rows): paths in, a small summary out."""
+    """Build shard `index` of the plan and write it (tar, then its rows): paths in, a small summary out.
+
+    Only a call: a Dask worker receives this function cloudpickled by value, and a body that touches
+    `torch` drags in torch submodules that do not pickle (cloudpickle follows attribute names such as
+    `.classes` to torch.classes). build_shard, a module function, pickles by reference.
+    """
+    return build_shard(params, index)
+
+
+def build_shard(params: BuildParams, index: int) -> dict[str, Any]:
     set_threads(params)
     plan = build_plan(params)
     device = resolve_device(params.device)

@@ -48,3 +48,13 @@ def tree_digest(root: Path) -> dict[str, str]:
     from robustdata.io import sha256_file
 
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def markdown_rows(text: str) -> dict[str, list[str]]:
+    """Every markdown table row of a page, keyed by its first cell (markdown escapes undone)."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [cell.strip().replace("\\_", "_") for cell in line.strip().strip("|").split(" | ")]
+            rows[cells[0]] = cells[1:]
+    return rows

@@ -29,13 +29,13 @@ import numpy as np
 import pytest
 import torch
 
-from robustdata.audit.clustering import activation_clustering, two_means
-from robustdata.audit.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
+from robustdata.detection.clustering import activation_clustering, two_means
+from robustdata.detection.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
                                         poisoned_classes, split_1d)
-from robustdata.audit.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
-from robustdata.audit.run import METHODS, AuditResult, run_audit
-from robustdata.audit.spectral import class_pca, spectral_signature_scores, top_principal
-from robustdata.audit.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
+from robustdata.detection.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
+from robustdata.detection.run import METHODS, AuditResult, run_audit
+from robustdata.detection.spectral import class_pca, spectral_signature_scores, top_principal
+from robustdata.detection.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
 from robustdata.errors import RobustDataError
 
 NUM_CLASSES, PER_CLASS, DIM, INPUT_DIM = 4, 1000, 64, 32
@@ -45,7 +45,7 @@ SHIFT, STRONG_SHIFT, POISON_SD = 10.0, 35.0, 0.3
 TRIGGER_NORM = 2.0  # input-space trigger offset; class input centroids lie ~24 apart
 LEVELS = (0.03, 0.10, 0.30, 0.50)  # poisoned fraction of the target class
 
-ROBUST_MOMENTS_BUG = ("known limitation (robustdata/audit/spectre.py robust_moments): the first filtering round "
+ROBUST_MOMENTS_BUG = ("known limitation (robustdata/detection/spectre.py robust_moments): the first filtering round "
                       "follows the top principal direction, so a small poison cluster hidden under larger natural "
                       "variance in a low direction is not removed and SPECTRE / the whitened probe miss it. "
                       "On learned representations the poisons sit in the top directions; a kurtosis start fixed "
@@ -192,7 +192,7 @@ def test_filter_fills_the_budget_beyond_its_suspects_uniformly_not_by_score():
     """At 30% poisons the budget (45% of the class) exceeds the poisons by 150 samples. The filter removes
     every poison and the clean side's outliers by score, then draws the rest uniformly: the drawn samples'
     scores are spread like the class's typical samples, not its top slab (which would cut one mode out)."""
-    from robustdata.audit.run import SUSPICIOUS_Z
+    from robustdata.detection.run import SUSPICIOUS_Z
 
     data = planted(0.30, STRONG_SHIFT)
     result = audited(0.30, STRONG_SHIFT, eps_scope="poisoned")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from robustdata.data.manifest import read_manifest
+from conftest import markdown_rows
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +49,8 @@ def workspace(tmp_path_factory, prefect_server, cache_dir):
                        "triggered_test": str(root / "poisoned" / "test_triggered"),
                        "audit_report": str(root / "report"), "audited_data": str(root / "poisoned" / "train"),
                        "out": str(root / "loop")},
+        "evaluate": {"out": str(root / "evaluate")},
+        "results": {"out": str(root / "site")},
     }
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -85,6 +88,19 @@ def test_audit_loop_finds_planted_poisons_and_removes_the_backdoor(workspace):
 
     gate = invoke("audit", "--params", params, "--fail-on-detect")
     assert gate.returncode == 4 and "poisons detected" in gate.stderr
+
+    # the results page holds the numbers of the JSON metrics, and the audit's DVC plots data
+    page = invoke("results", "--params", params)
+    assert page.returncode == 0, page.stderr
+    rows = markdown_rows((root / "site" / "index.md").read_text())
+    html = (root / "site" / "index.html").read_text()
+    for model, values in metrics.items():
+        expected = [f"{100 * values['clean_accuracy']:.2f}%", f"{100 * values['asr']:.2f}%"]
+        assert rows[model] == expected and all(v in html for v in expected)
+    audit_metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert f"flagged {audit_metrics['num_flagged']} samples" in html
+    separation = json.loads((root / "report" / "plots" / "separation.json").read_text())
+    assert [c["separation"] for c in separation] == [c["statistic"] for c in summary["classes"]]
 
 
 def test_clean_set_passes_the_gate(workspace):

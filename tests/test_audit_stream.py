@@ -1,4 +1,4 @@
-"""The streaming audit (robustdata/audit/stream.py) flags what the in-memory audit flags, batch by batch.
+"""The streaming audit (robustdata/detection/stream.py) flags what the in-memory audit flags, batch by batch.
 
 The planted representations of test_audit.py ride inside "images": each image
 is the sample's input-space vector followed by its representation scaled by
@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from robustdata.audit.features import extract_features
-from robustdata.audit.metrics import confusion
-from robustdata.audit.run import run_audit
-from robustdata.audit.stream import STREAM_METHODS, TensorBatches, _Moments, stream_audit
+from robustdata.detection.features import extract_features
+from robustdata.detection.metrics import confusion
+from robustdata.detection.run import run_audit
+from robustdata.detection.stream import STREAM_METHODS, TensorBatches, _Moments, stream_audit
 from robustdata.errors import RobustDataError
 from robustdata.models import SmallCNN, representation
 from test_audit import INPUT_DIM, NUM_CLASSES, SHIFT, STRONG_SHIFT, planted

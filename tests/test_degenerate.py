@@ -18,12 +18,12 @@ import math
 import pytest
 import torch
 
-import robustdata.audit.run as audit_run
-from robustdata.audit.features import extract_features
-from robustdata.audit.metrics import confusion
-from robustdata.audit.run import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
+import robustdata.detection.run as audit_run
+from robustdata.detection.features import extract_features
+from robustdata.detection.metrics import confusion
+from robustdata.detection.run import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
                                   AuditResult, min_samples, run_audit)
-from robustdata.audit.stream import STREAM_METHODS, TensorBatches, stream_audit
+from robustdata.detection.stream import STREAM_METHODS, TensorBatches, stream_audit
 from robustdata.errors import DataError, RobustDataError
 from robustdata.models import SmallCNN
 from robustdata.report import audit_markdown

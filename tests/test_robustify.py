@@ -26,7 +26,7 @@ from robustdata.models import representation
 from robustdata.robustify import (StepConfig, build_batch, frozen, input_gradients, invert_representation,
                                   other_indices, relative_distance, target_labels, targeted_perturbation)
 from robustdata.train import predict, save_checkpoint, seeded_model, train_model
-from conftest import random_samples, tree_digest
+from conftest import markdown_rows, random_samples, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,59 @@ def test_build_evaluate_and_report_end_to_end(mnist, api, tmp_path):
         assert f"| {name} |" in markdown.replace("\\_", "_") and f"{mean:.1f} ±" in markdown
     figures = sorted((tmp_path / "reports" / "figures").glob("*.png"))
     assert len(figures) == 3 and all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    # DVC plots data: robust accuracy against eps per threat model, eps 0 being the clean accuracy
+    linf = json.loads((tmp_path / "reports" / "plots" / "linf.json").read_text())
+    assert [p["eps"] for p in linf] == [0.0, 0.1]
+    assert linf[0]["D_R"] == metrics["robust"]["clean_accuracy"] and linf[1]["D"] == metrics["original"]["robust_linf_0.1"]
+
+    # the results page: its table holds the numbers of the JSON metrics
+    params.update({"results": {"out": str(tmp_path / "site")}, "evaluate": {"out": str(tmp_path / "none")},
+                   "audit": {"report": str(tmp_path / "none")}, "audit_eval": {"out": str(tmp_path / "none")}})
+    path.write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "robustdata", "results", "--params", str(path)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = markdown_rows((tmp_path / "site" / "index.md").read_text())
+    html = (tmp_path / "site" / "index.html").read_text()
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())["results"]
+    for kind, name in (("original", "D"), ("robust", "D_R"), ("nonrobust", "D_NR"), ("rand", "D_rand"),
+                       ("det", "D_det")):
+        clean, linf_01 = summary[kind]["clean_accuracy"], summary[kind]["robust"]["linf_0.1"]
+        assert clean["mean"] == metrics[kind]["clean_accuracy"]
+        expected = {"clean %": f"{100 * clean['mean']:.1f} ± {100 * clean['std']:.1f}",
+                    "linf eps 0.1 %": f"{100 * linf_01['mean']:.1f} ± {100 * linf_01['std']:.1f}"}
+        row = dict(zip(rows["trained on"], rows[name]))
+        assert {column: row[column] for column in expected} == expected
+        assert all(value in html for value in expected.values())
+
+
+def built_bytes(root, kind, out, **overrides):
+    """Build through the CLI (a separate process, as DVC runs it); the digest of every output file."""
+    params = {f"build_{kind}": build_params(root, kind, out=str(out), limit=400, steps=5, **overrides)}
+    result = run_cli(root, params, "--kind", kind)
+    assert result.returncode == 0, result.stderr
+    return tree_digest(out)
+
+
+def test_dask_build_is_byte_identical_to_a_single_process_build(mnist, api, tmp_path):
+    """4 shards mapped over a 2-worker Dask LocalCluster (DaskTaskRunner) give the same bytes as one process."""
+    root, _, _ = mnist
+    single = built_bytes(root, "det", tmp_path / "single")
+    on_dask = built_bytes(root, "det", tmp_path / "dask", dask="local", workers=2)
+    assert len(single) > 4 and on_dask == single
+
+
+def test_python_api_builds_the_same_dataset(mnist, api, tmp_path):
+    """robustdata.build(...) in this process equals the CLI's build; bad options are a RobustDataError."""
+    import robustdata
+
+    root, _, _ = mnist
+    reference = built_bytes(root, "rand", tmp_path / "cli")
+    options = build_params(root, "rand", out=str(tmp_path / "api"), limit=400, steps=5)
+    del options["kind"]
+    result = robustdata.build("rand", **options)
+    assert result["num_samples"] == 400 and tree_digest(tmp_path / "api") == reference
+    with pytest.raises(RobustDataError, match="stepz"):
+        robustdata.build("rand", stepz=3)
+    with pytest.raises(RobustDataError, match="valid"):
+        robustdata.build("sideways")
