@@ -177,11 +177,11 @@ class RobustifyEvalParams(Strict):
     fragile_lrs: list[PositiveFloat] = [0.1]  # the sweep for nonrobust / rand / det
     train: TrainParams = TrainParams(epochs=5)  # data, out, lr, seed and limit are set per run
     attacks: list[AttackParams] = [
-        AttackParams(threat="linf", eps=0.1, steps=50, step_size=0.01, restarts=2),
-        AttackParams(threat="linf", eps=0.2, steps=50, step_size=0.02, restarts=2),
-        AttackParams(threat="linf", eps=0.3, steps=50, step_size=0.03, restarts=2),
-        AttackParams(threat="l2", eps=1.0, steps=50, step_size=0.1, restarts=2),
-        AttackParams(threat="l2", eps=2.0, steps=50, step_size=0.2, restarts=2),
+        AttackParams(threat="linf", eps=0.1, steps=50, step_size=0.01, restarts=1),
+        AttackParams(threat="linf", eps=0.2, steps=50, step_size=0.02, restarts=1),
+        AttackParams(threat="linf", eps=0.3, steps=50, step_size=0.03, restarts=1),
+        AttackParams(threat="l2", eps=1.0, steps=50, step_size=0.1, restarts=1),
+        AttackParams(threat="l2", eps=2.0, steps=50, step_size=0.2, restarts=1),
     ]
     limit: PositiveInt | None = 200  # test images attacked per model (clean accuracy uses all)
     batch_size: PositiveInt = 500
@@ -209,7 +209,7 @@ class Params(Strict):
     ingest: IngestParams = IngestParams()
     train_standard: TrainParams = TrainParams()
     train_robust: TrainParams = TrainParams(
-        out=Path("models/robust"), epochs=8, limit=10000, lr=0.05, weight_decay=0.0, label_smoothing=0.0,
+        out=Path("models/robust"), epochs=6, limit=10000, lr=0.05, weight_decay=0.0, label_smoothing=0.0,
         adversarial=AdversarialParams(method="pgd", steps=5, step_size=0.1))
     evaluate: EvaluateParams = EvaluateParams()
     train_plain: TrainParams = TrainParams(out=Path("models/plain"), epochs=3, weight_decay=0.0, label_smoothing=0.0)

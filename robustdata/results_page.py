@@ -74,7 +74,7 @@ def figures(root: Path, directories: list[Path]) -> list[DocImage]:
 
 def document(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> list[tuple[str, list]]:
     sections: list[tuple[str, list]] = [("robustdata results", [[
-        "Every number below is read from the JSON metrics the stages wrote (`dvc metrics show` prints the same)."]])]
+        "Every number below is read from the JSON metrics the stages wrote (dvc metrics show prints the same)."]])]
     audit = audit_table(inputs.get("audit"), inputs.get("audit_loop"))
     if audit:
         sections.append(("Poisoning audit: before and after removing what it flagged", audit))

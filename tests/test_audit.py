@@ -31,7 +31,7 @@ import torch
 
 from robustdata.detection.clustering import activation_clustering, two_means
 from robustdata.detection.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
-                                        poisoned_classes, split_1d)
+                                            poisoned_classes, split_1d)
 from robustdata.detection.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
 from robustdata.detection.run import METHODS, AuditResult, run_audit
 from robustdata.detection.spectral import class_pca, spectral_signature_scores, top_principal

@@ -23,21 +23,9 @@ from robustdata.detection.stream import STREAM_METHODS, TensorBatches, _Moments,
 from robustdata.errors import RobustDataError
 from robustdata.models import SmallCNN, representation
 from test_audit import INPUT_DIM, NUM_CLASSES, SHIFT, STRONG_SHIFT, planted
+from test_audit import one_torch_thread, prefect_server  # noqa: F401  (fixtures: one thread, no Prefect)
 
 FEATURE_SCALE = 1e-3  # the representation's share of the image, so input-space distances are the planted ones
-
-
-@pytest.fixture
-def prefect_server():
-    """Override conftest's session-wide Prefect server: the audit library never imports prefect."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Pick(nn.Module):

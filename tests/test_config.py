@@ -24,7 +24,7 @@ def test_overrides_and_unknown_keys(tmp_path):
 
 def test_full_profile_lays_the_benchmark_recipe_over_params_yaml():
     quick, full = load_params(REPO_ROOT / "params.yaml"), load_params(REPO_ROOT / "params.yaml", profile="full")
-    assert (quick.train_robust.epochs, quick.train_robust.limit) == (8, 10000)
+    assert (quick.train_robust.epochs, quick.train_robust.limit) == (6, 10000)
     assert (full.train_robust.epochs, full.train_robust.limit) == (15, None)
     assert full.build_robust.limit == 10000 and full.robustify_eval.seeds == [0, 1, 2]
     assert full.build_robust.relu_grad_beta == quick.build_robust.relu_grad_beta  # untouched keys stay

@@ -22,28 +22,16 @@ import robustdata.detection.run as audit_run
 from robustdata.detection.features import extract_features
 from robustdata.detection.metrics import confusion
 from robustdata.detection.run import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
-                                  AuditResult, min_samples, run_audit)
+                                      AuditResult, min_samples, run_audit)
 from robustdata.detection.stream import STREAM_METHODS, TensorBatches, stream_audit
 from robustdata.errors import DataError, RobustDataError
 from robustdata.models import SmallCNN
 from robustdata.report import audit_markdown
 from test_audit import INPUT_DIM, NUM_CLASSES, POISON_CLASS, STRONG_SHIFT, planted
+from test_audit import one_torch_thread, prefect_server  # noqa: F401  (fixtures: one thread, no Prefect)
 from test_audit_stream import FEATURE_SCALE, PICK
 
 NEED = min_samples(16)  # the default filter_rank
-
-
-@pytest.fixture
-def prefect_server():
-    """Override conftest's session-wide Prefect server: nothing here runs a flow."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_extra_classes(extra: list[torch.Tensor], seed: int = 0):

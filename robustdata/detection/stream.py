@@ -52,7 +52,7 @@ from tqdm import tqdm
 from robustdata.attacks import evaluating
 from robustdata.detection.filtering import KAPPA, nearest_other_centroid
 from robustdata.detection.run import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
-                                  min_samples, pca_rank, size_status)
+                                      min_samples, pca_rank, size_status)
 from robustdata.detection.spectral import ClassPCA
 from robustdata.errors import RobustDataError
 from robustdata.models import representation
