@@ -30,7 +30,7 @@ from tqdm import tqdm
 from robustdata.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
 from robustdata.config import AdversarialParams, AttackParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
-from robustdata.errors import DataError
+from robustdata.errors import DataError, IntegrityError
 from robustdata.io import dumps_json, read_json, sha256_bytes, write_bytes_atomic, write_json_atomic
 from robustdata.models import build_model
 
@@ -237,20 +237,37 @@ def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, sidecar: dict[str, Any]) -> None:
-    """state_dict (torch.save) + JSON sidecar (architecture, params, data hash, metrics), both atomic."""
+    """state_dict (torch.save) + JSON sidecar (architecture, params, data hash, metrics, and the sha256 of
+    the weights file, checked by load_checkpoint), both atomic, sidecar last."""
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
-    write_json_atomic(Path(path).with_suffix(".json"), sidecar)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    write_json_atomic(Path(path).with_suffix(".json"), {**sidecar, "weights_sha256": sha256_bytes(data)})
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from the sidecar and load weights with weights_only=True (never unpickles code)."""
+    """Rebuild the model from the sidecar and load weights with weights_only=True (never unpickles code),
+    after checking them against the sha256 the sidecar recorded: weights altered after they were written
+    are refused (IntegrityError, exit code 3)."""
     path = Path(path)
     sidecar = read_json(path.with_suffix(".json"))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the weights ({exc.strerror})", path=path) from exc
+    expected = sidecar.get("weights_sha256")
+    if expected is None:
+        raise IntegrityError(f"its sidecar {path.with_suffix('.json').name} records no weights_sha256: the "
+                             "checkpoint predates integrity checks or was not written by robustdata; retrain it",
+                             path=path)
+    if sha256_bytes(data) != expected:
+        raise IntegrityError("the weights were altered after they were written (sha256 differs from the one "
+                             f"in {path.with_suffix('.json').name}); retrain, or restore them (dvc checkout)",
+                             path=path)
     model = build_model(sidecar["arch"], sidecar["num_classes"], sidecar["in_channels"], sidecar["image_size"])
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError for foreign or corrupt files
         raise DataError(f"not a loadable state_dict ({type(exc).__name__}: {exc})", path=path) from exc
     model.load_state_dict(state)

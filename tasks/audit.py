@@ -20,7 +20,7 @@ from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory
 from robustdata.derive import module_sha256, write_derived
-from robustdata.errors import DataError
+from robustdata.errors import DataError, IntegrityError
 from robustdata.io import atomic_directory, code_version, read_json, write_bytes_atomic, write_json_atomic
 from robustdata.poison import Attack, Trigger, poison, triggered_test_set
 from robustdata.report import audit_markdown, write_audit_report
@@ -121,7 +121,8 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
 
 
 def audit_summary(params: AuditParams, data: InMemoryDataset, result: AuditResult, truth: torch.Tensor | None,
-                  layer: str, seconds: dict[str, float], model_sidecar: dict[str, Any]) -> dict[str, Any]:
+                  layer: str, seconds: dict[str, float], model_sidecar: dict[str, Any],
+                  manifest_sha256: str) -> dict[str, Any]:
     budgets = {c["label"]: c["budget"] for c in result.classes}
     methods = {}
     for method in result.scores:
@@ -140,7 +141,10 @@ def audit_summary(params: AuditParams, data: InMemoryDataset, result: AuditResul
         "poisoned_classes": [c["label"] for c in classes if c["poisoned"]],
         "classes": classes, "methods": methods, "seconds": seconds,
         "model": {"path": str(params.model), "arch": model_sidecar["arch"],
+                  "weights_sha256": model_sidecar.get("weights_sha256"),
                   "train_manifest_sha256": model_sidecar.get("data", {}).get("train_manifest_sha256")},
+        # what was audited: later stages refuse data changed since (audit_eval_task)
+        "data": {"path": str(Path(params.data) / "train"), "manifest_sha256": manifest_sha256},
         "params": params.model_dump(mode="json"),
         "built_by": {"stage": "audit", **code_version(), "modules_sha256": module_sha256(*AUDIT_MODULES)},
     }
@@ -187,7 +191,8 @@ def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
         raise non_finite_features_error(exc, model=params.model, data=train_set.root, layer=params.layer,
                                         keys=data.keys) from exc
     seconds.update(result.seconds)
-    summary = audit_summary(params, data, result, truth, params.layer, seconds, sidecar)
+    summary = audit_summary(params, data, result, truth, params.layer, seconds, sidecar,
+                            train_set.card["manifest"]["sha256"])
     table = scores_table(data, manifest, result)
     with atomic_directory(params.report) as staging:
         write_parquet_atomic(staging / "scores.parquet", table)
@@ -226,6 +231,15 @@ def attack_success_rate(model: torch.nn.Module, triggered: InMemoryDataset) -> f
     return float((predictions == triggered.labels).float().mean())
 
 
+def check_audited(summary: dict[str, Any], manifest_sha256: str, path: str | Path) -> None:
+    """Refuse data that is not what the audit saw: its manifest changed after the audit."""
+    audited = summary.get("data", {}).get("manifest_sha256")
+    if audited != manifest_sha256:
+        raise IntegrityError(f"this data is not what the audit saw (manifest sha256 {manifest_sha256[:12]}..., "
+                             f"audited {str(audited)[:12]}...): it was altered or rebuilt after the audit; rerun "
+                             "the audit", path=path)
+
+
 @task(name="audit-eval", cache_policy=NO_CACHE)
 def audit_eval_task(params: AuditEvalParams, progress: bool = True) -> dict[str, Any]:
     """Clean accuracy and ASR of each model; metrics.json and the full audit report with the before/after table."""
@@ -241,7 +255,9 @@ def audit_eval_task(params: AuditEvalParams, progress: bool = True) -> dict[str,
     loop = {"rows": rows}
     summary = read_json(Path(params.audit_report) / "summary.json")
     table = pq.read_table(Path(params.audit_report) / "scores.parquet")
-    audited = load_in_memory(params.audited_data, progress=progress)
+    audited_set = open_dataset(params.audited_data)
+    check_audited(summary, audited_set.card["manifest"]["sha256"], params.audited_data)
+    audited = load_in_memory(audited_set, progress=progress)
     if audited.keys != table.column("key").to_pylist():
         raise DataError("the audited data and the audit's scores list different samples: rerun the audit",
                         path=params.audited_data)

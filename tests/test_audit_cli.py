@@ -3,6 +3,7 @@ plant poisons -> train the suspect model -> audit -> retrain -> before/after, an
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,3 +124,19 @@ def test_bad_audit_input_is_one_line_error(workspace, tmp_path):
     assert "Traceback" not in result.stderr
     result = invoke("audit", "--params", params, "--eps", "1.5")
     assert result.returncode == 2 and "eps" in result.stderr
+
+
+def test_tampered_model_or_audited_data_is_refused(workspace, tmp_path):
+    """Weights altered after training, or the audited set rebuilt after the audit: exit code 3, nothing written."""
+    root, params = workspace
+    if not (root / "suspect" / "model.pt").exists():
+        assert invoke("audit-loop", "--params", params, "--plant").returncode == 0
+    tampered = tmp_path / "tampered"
+    shutil.copytree(root / "suspect", tampered)
+    weights = bytearray((tampered / "model.pt").read_bytes())
+    weights[len(weights) // 2] ^= 0x01
+    (tampered / "model.pt").write_bytes(bytes(weights))
+    result = invoke("audit", "--params", params, "--model", tampered, "--report", tmp_path / "report",
+                    "--out", tmp_path / "filtered")
+    assert result.returncode == 3 and "altered" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "report").exists() and not (tmp_path / "filtered").exists()

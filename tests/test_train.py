@@ -1,5 +1,7 @@
 """Training on a real MNIST subset: learns, is deterministic, checkpoints round-trip."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from robustdata.config import TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
-from robustdata.errors import DataError
+from robustdata.errors import DataError, IntegrityError
+from robustdata.io import sha256_file
 from robustdata.train import (
     accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model,
     train_model,
@@ -67,9 +70,13 @@ def test_checkpoint_round_trip(mnist_subsets, tmp_path):
     sidecar = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 28}
     save_checkpoint(tmp_path / "m.pt", model, sidecar)
     loaded, meta = load_checkpoint(tmp_path / "m.pt")
-    assert meta == sidecar
+    assert meta == {**sidecar, "weights_sha256": sha256_file(tmp_path / "m.pt")}
     assert torch.equal(predict(loaded, test.images), predict(model, test.images))
     (tmp_path / "m.pt").write_bytes(b"garbage")
+    with pytest.raises(IntegrityError, match="altered"):
+        load_checkpoint(tmp_path / "m.pt")
+    # garbage whose hash the sidecar vouches for: still never unpickled, a clear error
+    (tmp_path / "m.json").write_text(json.dumps({**meta, "weights_sha256": sha256_file(tmp_path / "m.pt")}))
     with pytest.raises(DataError, match="not a loadable state_dict"):
         load_checkpoint(tmp_path / "m.pt")
 
