@@ -151,3 +151,18 @@ def test_decoded_cache_is_used_and_a_corrupt_cache_is_ignored(mnist_small, tmp_p
     assert torch.equal(load_in_memory(root, progress=False, cache_dir=tmp_path / "c2", verify=False).images,
                        first.images)
     assert not (tmp_path / "c2").exists()
+
+
+def test_a_manifest_with_a_null_key_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from robustdata.data.manifest import MANIFEST_FIELDS, read_manifest
+
+    schema = pa.schema([pa.field(f.name, f.type) for f in MANIFEST_FIELDS], metadata={b"schema_version": b"1"})
+    rows = {"key": [None, "k1"], "shard": ["s", "s"], "label": [0, 1], "sha256": ["a", "b"],
+            "origin_key": [None, None], "source_label": [None, None], "is_poison": [None, None]}
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table(rows, schema=schema), path)
+    with pytest.raises(DataError, match="'key' has 1 null value"):
+        read_manifest(path)

@@ -134,3 +134,27 @@ def test_tar_cut_at_a_member_boundary_is_detected(tmp_path):
     with pytest.raises(DataError, match="truncated shard") as info:
         list(iter_shard(cut))
     assert "after key 's0002'" in str(info.value)
+
+
+@pytest.mark.parametrize("member", ["link", "absolute", "parent"])
+def test_links_and_paths_outside_the_shard_are_refused(tmp_path, member):
+    """webdataset silently skips non-regular members: a shard of symlinks would read as empty."""
+    path = tmp_path / "s.tar"
+    png = encode_png(np.zeros((2, 2, 1), np.uint8))
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("k0.png", png), ("k0.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if member == "link":
+            info = tarfile.TarInfo("k1.png")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            name = "/etc/k1.png" if member == "absolute" else "../k1.png"
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    with pytest.raises(DataError, match="is a link|outside the shard") as caught:
+        list(iter_shard(path))
+    assert caught.value.path == str(path)

@@ -80,6 +80,11 @@ def read_manifest(path: str | Path) -> pa.Table:
     for field in MANIFEST_FIELDS:
         if field.name not in table.schema.names or table.schema.field(field.name).type != field.type:
             raise DataError(f"manifest column {field.name!r} missing or not {field.type}", path=path)
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:  # Parquet keeps nulls even in a column declared not null
+            row = column.to_pylist().index(None)
+            raise DataError(f"manifest column {field.name!r} has {column.null_count} null value(s) (first at row "
+                            f"{row}); it is required for every sample", path=path)
     return table
 
 

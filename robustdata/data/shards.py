@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -177,6 +178,8 @@ def iter_shard_records(path: str | Path) -> Iterator[dict[str, Any]]:
         complete = has_end_marker(path)
     except OSError as exc:
         raise DataError(f"unreadable shard ({exc.strerror or exc})", path=path) from exc
+    if complete:
+        check_tar_members(path)
     pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
     iterator = iter(pipeline)
     pending, key = None, None
@@ -197,6 +200,23 @@ def iter_shard_records(path: str | Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"truncated shard: no end-of-archive marker ({after(key)})", path=path)
     if pending is not None:
         yield pending
+
+
+def check_tar_members(path: str) -> None:
+    """Refuse members webdataset would silently skip (links, devices, FIFOs: a shard of them reads as
+    empty) and names that point outside the shard (absolute, or through '..'). Headers only: tarfile seeks
+    past the data. A corrupt archive is left to the record reader, which names the last good key."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                parts = PurePosixPath(info.name).parts
+                if info.name.startswith("/") or ".." in parts:
+                    raise DataError(f"member {info.name!r} names a path outside the shard: refusing it", path=path)
+                if not (info.isreg() or info.isdir()):
+                    kind = "link" if info.issym() or info.islnk() else "special file"
+                    raise DataError(f"member {info.name!r} is a {kind}, not a regular file: refusing it", path=path)
+    except tarfile.TarError:
+        return
 
 
 def after(key: str | None) -> str:
