@@ -63,8 +63,6 @@ def plain_run(repo: Path) -> float:
 
 def plain_pipeline() -> None:
     """flows/pipeline.py's steps with every Prefect task replaced by its function (`.fn`)."""
-    from pathlib import Path
-
     from robustdata.config import load_params
     from robustdata.io import atomic_directory
     from robustdata.robustify import KINDS

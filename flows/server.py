@@ -39,6 +39,18 @@ def healthy(api_url: str) -> bool:
         return False
 
 
+def stop_process_group(process: subprocess.Popen, sig: int, timeout: float = 30) -> None:
+    """Send `sig` to the process's group (it was started with start_new_session); SIGKILL after `timeout`."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextlib.contextmanager
 def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
     """Yield the API URL of a Prefect server: PREFECT_API_URL when one is set, else a fresh
@@ -65,12 +77,6 @@ def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -
             time.sleep(0.5)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process, signal.SIGTERM)
         if log is not None:
             output.close()

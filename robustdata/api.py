@@ -25,7 +25,7 @@ from typing import Any, TypeVar, get_args
 from pydantic import BaseModel, ValidationError
 
 from robustdata.config import (AuditParams, BuildKind, EvaluateParams, IngestParams, Params, PoisonParams,
-                               TrainParams, build_defaults, load_params)
+                               TrainParams, build_defaults, load_params, validation_problems)
 from robustdata.errors import RobustDataError
 
 __all__ = ["audit", "build", "evaluate", "fit", "ingest", "load_params", "pipeline", "plant_poisons"]
@@ -41,8 +41,7 @@ def section(default: Section, options: dict[str, Any], what: str) -> Section:
     try:
         return type(default).model_validate({**default.model_dump(), **options})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RobustDataError(f"invalid {what} options: {problems}") from exc
+        raise RobustDataError(f"invalid {what} options: {validation_problems(exc)}") from exc
 
 
 def ingest(**options: Any) -> dict[str, Any]:

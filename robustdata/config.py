@@ -249,6 +249,11 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def validation_problems(exc: ValidationError) -> str:
+    """'section.key: message; ...' for every field pydantic rejected."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
 PROFILES_DIR = Path("profiles")
 
 
@@ -275,5 +280,4 @@ def load_params(path: str | Path | None = None, profile: str | Path | None = Non
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RobustDataError(f"invalid params{f' in {path}' if path else ''}: {problems}") from exc
+        raise RobustDataError(f"invalid params{f' in {path}' if path else ''}: {validation_problems(exc)}") from exc

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from flows.server import prefect_server
+from flows.server import prefect_server, stop_process_group
 
 BIN = Path(sys.executable).parent
 
@@ -94,11 +94,7 @@ def test_served_deployment_runs_on_a_real_server(real_server, tmp_path, cache_di
         state = wait_for(finished, 600, "the triggered run to finish", serve)
         assert state["type"] == "COMPLETED", (state, (tmp_path / "serve.log").read_text()[-4000:])
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_process_group(serve, signal.SIGINT)
         log.close()
     # its outputs, relative to the params file's directory
     for path in ("reports/audit/summary.json", "reports/audit/report.html", "reports/audit/scores.parquet",
