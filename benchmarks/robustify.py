@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Benchmark: robust / non-robust feature datasets on MNIST (Ilyas et al. 2019), quality and speed.
 
-Speed: D_R build throughput (image-steps/s of `invert_representation`, the loop a
-build runs) against the raw forward + input-gradient backward of the same model at
-the same batch size and precision (the physical limit of the method), side by side,
-alternating, median of --repeats; on CUDA too when present.
+Speed: D_R build throughput (image-steps/s of `invert_representation` with the
+build_robust recipe: its steps, schedule and smoothed ReLU gradients) against the raw
+forward + input-gradient backward of the same model at the same batch size and
+precision (the physical limit of the method), side by side, alternating, median of
+--repeats; on CUDA too when present.
 
 Quality: with the full profile's build_* and robustify_eval sections (outputs redirected
 under --work), build D_R, D_NR, D_rand and D_det through the real build flow, train
@@ -27,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,13 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from robustdata.config import Params, load_params  # noqa: E402
+from robustdata.config import BuildParams, Params, load_params  # noqa: E402
 from robustdata.data.memory import load_in_memory  # noqa: E402
 from robustdata.io import code_version, read_json, write_json_atomic  # noqa: E402
 from robustdata.models import representation  # noqa: E402
 from robustdata.robustify import StepConfig, autocast_steps, frozen, invert_representation  # noqa: E402
 from robustdata.train import load_checkpoint, resolve_device  # noqa: E402
+from tasks.robustify import step_config  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=200)
@@ -69,11 +72,11 @@ def raw_forward_backward(model, x: torch.Tensor, layer: str, steps: int, precisi
     return time.perf_counter() - start
 
 
-def inversion(model, targets: torch.Tensor, starts: torch.Tensor, layer: str, steps: int, precision: str) -> float:
-    """Seconds for the D_R builder's inversion of one batch (`steps` steps, its final measure included)."""
+def inversion(model, targets: torch.Tensor, starts: torch.Tensor, layer: str, config: StepConfig) -> float:
+    """Seconds for the D_R builder's inversion of one batch (its recipe, its final measure included)."""
     sync(targets.device)
     start = time.perf_counter()
-    invert_representation(model, targets, starts, layer, StepConfig(steps, 0.1, "linear", precision=precision))
+    invert_representation(model, targets, starts, layer, config)
     sync(targets.device)
     return time.perf_counter() - start
 
@@ -83,18 +86,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speed(model, images: torch.Tensor, batch_size: int, steps: int, repeats: int, precision: str,
-          layer: str) -> dict[str, Any]:
-    device = next(model.parameters()).device
+def speed(model, images: torch.Tensor, build: BuildParams, steps: int, repeats: int, precision: str
+          ) -> dict[str, Any]:
+    """The D_R builder's recipe (step schedule, smoothed ReLU gradients) at `steps` steps vs the bare passes."""
+    device, batch_size, layer = next(model.parameters()).device, build.batch_size, build.layer
+    config = replace(step_config(build), steps=steps, precision=precision)
+    warm_up = replace(config, steps=3)
     x = images[:batch_size].to(device).float().div(255.0)
     starts = images[batch_size:2 * batch_size].to(device).float().div(255.0)
     raw_forward_backward(model, x, layer, 3, precision)  # warm-up: kernels, allocator
-    inversion(model, x, starts, layer, 3, precision)
+    inversion(model, x, starts, layer, warm_up)
     raw, ours = [], []
     for _ in range(repeats):  # alternate, so drift in machine load hits both alike
         raw.append(batch_size * steps / raw_forward_backward(model, x, layer, steps, precision))
-        ours.append(batch_size * steps / inversion(model, x, starts, layer, steps, precision))
+        ours.append(batch_size * steps / inversion(model, x, starts, layer, config))
     return {"device": str(device), "precision": precision, "batch_size": batch_size, "steps": steps,
+            "relu_grad_beta": config.relu_grad_beta, "schedule": config.schedule,
             "repeats": repeats, "raw_image_steps_per_s": raw, "inversion_image_steps_per_s": ours,
             "median_raw": statistics.median(raw), "median_inversion": statistics.median(ours),
             "ratio": statistics.median(ours) / statistics.median(raw)}
@@ -220,8 +227,9 @@ def main() -> None:
     parser.add_argument("--profile", default="full", help="Laid over the params (profiles/<name>.yaml); 'none' for "
                         "params.yaml alone (the quick profile).")
     parser.add_argument("--work", type=Path, default=REPO / "bench-work" / "robustify")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--speed-steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speed-steps", type=int, default=None,
+                        help="Steps per timed inversion (default: build_robust.steps, what a build runs).")
     parser.add_argument("--speed-only", action="store_true", help="Skip the quality experiment (about 2 h on CPU).")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/robustify.json")
     args = parser.parse_args()
@@ -243,8 +251,7 @@ def main() -> None:
             ensure_models(params)
         model, _ = load_checkpoint(path, device)
         for precision in ("fp32", "bf16"):
-            rows.append(speed(model, train.images, build.batch_size, args.speed_steps, args.repeats, precision,
-                              build.layer))
+            rows.append(speed(model, train.images, build, args.speed_steps or build.steps, args.repeats, precision))
             log.log(f"speed {rows[-1]['device']} {precision}: ratio {rows[-1]['ratio']:.3f}")
     report: dict[str, Any] = {
         "speed": rows, "params": {k: getattr(params, f"build_{k}").model_dump(mode="json") for k in KINDS},

@@ -79,7 +79,9 @@ class _SmoothGradReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (z,) = ctx.saved_tensors
-        return grad * torch.sigmoid(ctx.beta * z), None
+        # grad * sigmoid(beta z) in one fused kernel (three separate ones cost 15% of a build step on CPU);
+        # above the threshold beta z > 20 it passes grad unchanged, where sigmoid is 1 - 2e-9 anyway
+        return torch.ops.aten.softplus_backward(grad, z, ctx.beta, 20.0), None
 
 
 @contextlib.contextmanager
@@ -96,13 +98,15 @@ def smooth_relu_gradients(model: nn.Module, beta: float | None) -> Iterator[None
     if beta is None:
         yield
         return
-    hooks = [m.register_forward_hook(lambda _m, inputs, _out: _SmoothGradReLU.apply(inputs[0], beta))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    # an instance attribute shadows the class's forward: one ReLU per call (a forward hook would run two)
+    for relu in relus:
+        relu.forward = lambda z: _SmoothGradReLU.apply(z, beta)
     try:
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
+        for relu in relus:
+            del relu.forward
 
 
 def relative_distance(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from robustdata.data.sources import MnistMirror
 from robustdata.errors import RobustDataError
 from robustdata.models import representation
 from robustdata.robustify import (StepConfig, build_batch, frozen, input_gradients, invert_representation,
-                                  other_indices, relative_distance, target_labels, targeted_perturbation)
+                                  other_indices, relative_distance, smooth_relu_gradients, target_labels,
+                                  targeted_perturbation)
 from robustdata.train import predict, save_checkpoint, seeded_model, train_model
 from conftest import markdown_rows, random_samples, tree_digest
 
@@ -48,6 +49,18 @@ def mnist(tmp_path_factory, cache_dir):
 
 def floats(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255.0)
+
+
+def test_smoothed_relu_gradients_are_sigmoid_of_beta_z_and_the_module_is_restored():
+    relu, beta = torch.nn.ReLU(), 4.0
+    z = torch.linspace(-3, 3, 61, requires_grad=True)
+    with smooth_relu_gradients(torch.nn.Sequential(relu), beta):
+        out = relu(z)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+    assert torch.equal(out, z.clamp_min(0))  # outputs unchanged
+    torch.testing.assert_close(grad, torch.sigmoid(beta * z.detach()))  # a dark unit still passes gradient
+    (plain,) = torch.autograd.grad(relu(z).sum(), z)
+    assert torch.equal(plain, (z > 0).float())  # plain ReLU again outside
 
 
 def test_inversion_lowers_the_feature_distance_and_stays_in_the_unit_cube(mnist):
