@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
-from prefect import flow
+import torch
+from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.runners import task_runner_for
 from robustdata.config import AuditEvalParams, AuditParams, Params, PoisonParams, TrainParams
-from tasks.audit import audit_eval_task, audit_task, poison_task
+from robustdata.data.manifest import open_dataset
+from tasks.audit import audit_eval_task, audit_task, chunk_features_task, feature_chunks, poison_task
 from tasks.train import train_task
 
 
@@ -23,10 +28,33 @@ def class_rows(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: c.get(k) for k in keys} for c in classes]
 
 
+@flow(name="audit-features")
+def features_flow(params: AuditParams, num_samples: int) -> torch.Tensor:
+    """The representation of <data>/train, extracted in chunks mapped over the flow's task runner."""
+    futures = chunk_features_task.map(unmapped(params), feature_chunks(num_samples, params.batch_size, params.workers))
+    return torch.cat([future.result() for future in futures])
+
+
+def distributed_features(params: AuditParams) -> tuple[torch.Tensor, float]:
+    """(features, seconds) from `params.workers` threads or Dask workers (`params.dask`)."""
+    start = time.perf_counter()
+    num_samples = len(open_dataset(Path(params.data) / "train"))
+    runner = task_runner_for(params.dask, params.workers)
+    features = features_flow.with_options(task_runner=runner)(params, num_samples)
+    return features, time.perf_counter() - start
+
+
 @flow(name="audit")
 def audit_flow(params: AuditParams) -> dict[str, Any]:
-    """Score a training set for backdoor poisons, write scores + report, and the filtered set."""
-    result = audit_task(params)
+    """Score a training set for backdoor poisons, write scores + report, and the filtered set.
+
+    The representation is extracted in this process, or in chunks on Dask workers / threads when
+    `params.dask` is set or `params.workers` > 1."""
+    if params.dask is None and params.workers == 1:
+        result = audit_task(params)
+    else:
+        features, seconds = distributed_features(params)
+        result = audit_task(params, features=features, feature_seconds=seconds)
     create_markdown_artifact(result["markdown"], key="audit-report", description="backdoor poison audit")
     create_table_artifact(class_rows(result["classes"]), key="audit-classes", description="per-class audit decisions")
     return result

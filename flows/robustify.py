@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from pathlib import Path
-
+from flows.runners import task_runner_for
 from robustdata.config import BuildParams, Params, RobustifyEvalParams
 from tasks.robustify import (ORIGINAL, build_shard_task, evaluate_on_task, finish_build_task, plan_build_task,
                              robustify_report_task, train_on_task, write_kind_results)
@@ -38,22 +37,9 @@ def build_flow(params: BuildParams) -> dict[str, Any]:
     return {**finished, "shards_built": len(shards), "num_shards": planned["num_shards"], "shards": shards}
 
 
-def task_runner_for(params: BuildParams):
-    """Threads in this process by default; Dask worker processes with `dask: local` (a LocalCluster of
-    `workers` single-threaded workers) or any running Dask scheduler (`dask: tcp://host:8786`)."""
-    if params.dask is None:
-        return ThreadPoolTaskRunner(max_workers=params.workers)
-    from prefect_dask import DaskTaskRunner
-
-    if params.dask == "local":
-        return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    return DaskTaskRunner(address=params.dask)
-
-
 def run_build(params: BuildParams) -> dict[str, Any]:
     """The build flow on the task runner `params` ask for."""
-    return build_flow.with_options(task_runner=task_runner_for(params))(params)
+    return build_flow.with_options(task_runner=task_runner_for(params.dask, params.workers))(params)
 
 
 def dataset_for(kind: str, params: Params) -> tuple[Path, int | None]:

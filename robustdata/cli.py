@@ -194,6 +194,10 @@ def poison(
     run_guarded(command)
 
 
+DASK_HELP = ("Run the mapped work on Dask: 'local' (a LocalCluster of --workers processes) or a scheduler "
+             "address (tcp://host:8786).")
+
+
 @app.command()
 def audit(
     params: Optional[Path] = typer.Option(None, help="params.yaml to read the `audit` section from."),
@@ -205,6 +209,8 @@ def audit(
     removal_method: Optional[str] = typer.Option(None, help="filter | spectre | spectral | clustering"),
     out: Optional[Path] = typer.Option(None, help="Filtered dataset output."),
     report: Optional[Path] = typer.Option(None, help="Report directory."),
+    workers: Optional[int] = typer.Option(None, help="Feature-extraction chunks at once (threads, or Dask workers)."),
+    dask: Optional[str] = typer.Option(None, help=DASK_HELP),
     device: Optional[str] = typer.Option(None),
     fail_on_detect: bool = typer.Option(False, "--fail-on-detect",
                                         help=f"Exit {EXIT_POISONS_DETECTED} when any sample is flagged (CI gates)."),
@@ -215,7 +221,7 @@ def audit(
     def command() -> int:
         config = load_params(params, audit={"model": model, "data": data, "layer": layer, "eps": eps,
                                             "removal_method": removal_method, "out": out, "report": report,
-                                            "device": device})
+                                            "workers": workers, "dask": dask, "device": device})
         from flows.audit import audit_flow
 
         result = audit_flow(config.audit)
@@ -312,7 +318,8 @@ def build(
     eps: Optional[float] = typer.Option(None, help="rand/det: L2 radius of the perturbation."),
     start: Optional[str] = typer.Option(None, help="robust/nonrobust start: other (a random training image) | noise."),
     layer: Optional[str] = typer.Option(None, help="robust/nonrobust: representation matched (penultimate, ...)."),
-    workers: Optional[int] = typer.Option(None, help="Shards built at once (threads)."),
+    workers: Optional[int] = typer.Option(None, help="Shards built at once (threads, or Dask workers)."),
+    dask: Optional[str] = typer.Option(None, help=DASK_HELP),
     device: Optional[str] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
 ) -> None:
@@ -326,7 +333,7 @@ def build(
             raise RobustDataError(f"unknown --kind {kind!r}; valid: {list(BUILD_KINDS)}")
         overrides = {"data": data, "model": model, "out": out, "limit": limit, "steps": steps,
                      "step_size": step_size, "schedule": schedule, "eps": eps, "start": start, "layer": layer,
-                     "workers": workers, "device": device, "seed": seed}
+                     "workers": workers, "dask": dask, "device": device, "seed": seed}
         config = getattr(load_params(params, **{f"build_{kind}": overrides}), f"build_{kind}")
         from flows.robustify import run_build
 

@@ -123,6 +123,8 @@ class AuditParams(Strict):
     spectral_k: PositiveInt = 1  # spectral signatures: top-k directions scored
     kappa: PositiveFloat = 6.0  # a class is poisoned when its separation exceeds median + kappa robust sd
     batch_size: PositiveInt = 1000  # images per feature-extraction batch
+    workers: PositiveInt = 1  # feature-extraction chunks at once: threads here, or Dask workers with `dask: local`
+    dask: str | None = None  # None: extract in this process; "local": a LocalCluster of `workers`; else an address
     seed: int = 0
     device: str = "auto"
     out: Path = Path("data/filtered")  # train/ without the removed samples (+ val/)

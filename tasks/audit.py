@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from robustdata.train import generator_for, load_checkpoint, predict, resolve_de
 from tasks.train import MODEL_FILE
 
 POISON_MODULES = ("poison.py", "derive.py")
+# where and how the work runs, not what it computes: left out of the filtered set's card
+EXECUTION_ONLY = {"workers", "dask"}
 AUDIT_MODULES = ("detection/features.py", "detection/spectral.py", "detection/spectre.py", "detection/clustering.py",
                  "detection/filtering.py", "detection/run.py", "derive.py")
 
@@ -165,9 +168,33 @@ def separation_plot(summary: dict[str, Any]) -> list[dict[str, Any]]:
              "flagged": c["flagged"]} for c in summary["classes"]]
 
 
+def feature_chunks(num_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of whole extraction batches, about four per worker. Chunks cut at batch
+    boundaries run exactly the batches of the single pass, so the features come out bit for bit the same."""
+    batches_per_chunk = max(1, math.ceil(math.ceil(num_samples / batch_size) / (4 * workers)))
+    step = batches_per_chunk * batch_size
+    return [(start, min(start + step, num_samples)) for start in range(0, num_samples, step)]
+
+
+def chunk_features(params: AuditParams, start: int, stop: int) -> torch.Tensor:
+    """(stop - start, D) features of training samples [start, stop), on the CPU: one worker's share."""
+    device = resolve_device(params.device)
+    model, _ = load_checkpoint(Path(params.model) / MODEL_FILE, device)
+    data = load_in_memory(Path(params.data) / "train", progress=False)
+    return extract_features(model, data.images[start:stop], params.layer, batch_size=params.batch_size).cpu()
+
+
+@task(name="audit-features", cache_policy=NO_CACHE)
+def chunk_features_task(params: AuditParams, chunk: tuple[int, int]) -> torch.Tensor:
+    return chunk_features(params, *chunk)
+
+
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
-    """Score <data>/train through the model, write the scores + report, and the filtered dataset."""
+def audit_task(params: AuditParams, progress: bool = True, features: torch.Tensor | None = None,
+               feature_seconds: float | None = None) -> dict[str, Any]:
+    """Score <data>/train through the model, write the scores + report, and the filtered dataset.
+
+    `features`: the representation, when it was extracted elsewhere (chunks on Dask workers)."""
     device = resolve_device(params.device)
     model, sidecar = load_checkpoint(Path(params.model) / MODEL_FILE, device)
     train_set = open_dataset(Path(params.data) / "train")
@@ -177,9 +204,15 @@ def audit_task(params: AuditParams, progress: bool = True) -> dict[str, Any]:
                         path=train_set.root)
     manifest = read_manifest(train_set.manifest_path)
     truth = ground_truth(manifest)
-    start = time.perf_counter()
-    features = extract_features(model, data.images, params.layer, batch_size=params.batch_size, progress=progress)
-    seconds = {"features": time.perf_counter() - start}
+    if features is None:
+        start = time.perf_counter()
+        features = extract_features(model, data.images, params.layer, batch_size=params.batch_size,
+                                    progress=progress)
+        feature_seconds = time.perf_counter() - start
+    elif len(features) != len(data):
+        raise DataError(f"features of {len(features)} samples were passed for {len(data)}", path=train_set.root)
+    features = features.to(device)
+    seconds = {"features": feature_seconds}
     inputs = data.images.to(device).flatten(1).float().div_(255.0)
     try:
         result = run_audit(features, inputs, data.labels.to(device), len(data.classes), eps=params.eps,
@@ -217,7 +250,8 @@ def write_filtered(params: AuditParams, train_set, data: InMemoryDataset, manife
     with atomic_directory(params.out) as staging:
         write_derived(staging / "train", data.images[keep], data.labels[keep], rows, classes=data.classes,
                       name=f"{train_set.card['name']}-filtered", split="train", source=train_set, stage="audit",
-                      params=params.model_dump(mode="json", exclude={"out", "report"}), modules=AUDIT_MODULES,
+                      params=params.model_dump(mode="json", exclude={"out", "report", *EXECUTION_ONLY}),
+                      modules=AUDIT_MODULES,
                       progress=progress)
         shutil.copytree(Path(params.data) / "val", staging / "val")
 

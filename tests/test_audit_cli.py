@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from robustdata.data.manifest import read_manifest
-from conftest import markdown_rows
+from conftest import markdown_rows, tree_digest
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +140,23 @@ def test_tampered_model_or_audited_data_is_refused(workspace, tmp_path):
                     "--out", tmp_path / "filtered")
     assert result.returncode == 3 and "altered" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "report").exists() and not (tmp_path / "filtered").exists()
+
+
+def test_audit_on_a_dask_cluster_is_byte_identical_to_one_process(workspace, tmp_path):
+    """The representation extracted in chunks on a 2-worker Dask LocalCluster gives the same scores,
+    report numbers and filtered set as the single pass in this process."""
+    root, params = workspace
+    if not (root / "suspect" / "model.pt").exists():
+        assert invoke("audit-loop", "--params", params, "--plant").returncode == 0
+    runs = {}
+    for name, options in {"single": [], "dask": ["--dask", "local", "--workers", "2"]}.items():
+        result = invoke("audit", "--params", params, "--report", tmp_path / name / "report",
+                        "--out", tmp_path / name / "filtered", *options)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((tmp_path / name / "report" / "summary.json").read_text())
+        runs[name] = (tree_digest(tmp_path / name / "filtered"),
+                      (tmp_path / name / "report" / "scores.parquet").read_bytes(), summary)
+    (single_tree, single_scores, single), (dask_tree, dask_scores, on_dask) = runs["single"], runs["dask"]
+    assert on_dask["params"]["dask"] == "local" and single["params"]["dask"] is None
+    assert single["num_flagged"] > 0 and on_dask["classes"] == single["classes"]
+    assert dask_scores == single_scores and dask_tree == single_tree
