@@ -1,5 +1,6 @@
 """`dvc repro` on a fresh copy of the repo, then push to and pull from a local remote."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -71,3 +72,33 @@ def test_full_repro_on_fresh_copy_matches_committed_lock(tmp_path, prefect_serve
     diff = subprocess.run(["git", "diff", "--exit-code", "dvc.lock"], cwd=clone, capture_output=True, text=True)
     assert diff.returncode == 0 or "ingest:" not in diff.stdout, \
         f"the ingest stage's lock changed; rerun `make repro` and commit dvc.lock:\n{diff.stdout}"
+
+
+def test_dvc_exp_run_sweeps_an_audit_param(tmp_path, prefect_server):
+    """`dvc exp run -S audit.kappa=...` reruns only the audit, and the detection threshold it sweeps
+    decides the outcome: a low kappa flags the planted poisons, a huge one flags nothing."""
+    clone = fresh_copy(tmp_path / "clone")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["ingest"].update(limit=3000, shard_size=1000)
+    params["poison"].update(rate=None, count=30)
+    params["train_suspect"].update(epochs=3)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["commit", "-qam", "small"], cwd=clone, check=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    dvc = [str(BIN / "dvc")]
+
+    flagged = {}
+    for kappa in (3, 1000):
+        log = run(dvc + ["exp", "run", "audit", "-S", f"audit.kappa={kappa}"], clone, env)
+        flagged[kappa] = json.loads((clone / "reports" / "audit" / "metrics.json").read_text())
+        assert json.loads((clone / "reports" / "audit" / "summary.json").read_text())["params"]["kappa"] == kappa
+        if kappa == 1000:
+            assert "Running stage 'train_suspect'" not in log  # upstream stages come from the run cache
+    assert flagged[3]["num_flagged"] >= 27 and flagged[1000]["num_flagged"] == 0
+
+    shown = json.loads(run(dvc + ["exp", "show", "--json"], clone, env))
+    kappas = sorted(experiment["data"]["params"]["params.yaml"]["data"]["audit"]["kappa"]
+                    for commit in shown for experiment in commit.get("experiments") or []
+                    for experiment in experiment["revs"])
+    assert kappas == [3, 1000]
