@@ -1,3 +1,3 @@
-from robustdata.cli import app
+from robustdata.cli import run
 
-app()
+run()

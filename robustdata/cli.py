@@ -55,6 +55,18 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def run() -> None:
+    """The console entry point: a `dvc repro` stage started by `robustdata repro` hands its command to
+    the warm runner (flows/warm.py says why); anything else runs here."""
+    if os.environ.get("ROBUSTDATA_WARM_SOCKET"):
+        from flows.warm import forward
+
+        code = forward(sys.argv)
+        if code is not None:
+            sys.exit(code)
+    app()
+
+
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                       help="Print the version and exit.")) -> None:
@@ -422,15 +434,17 @@ def repro(
 
     def command() -> int:
         from flows.server import prefect_server
+        from flows.warm import warm_runner
 
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         log = Path(".dvc/tmp/prefect-server.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        with prefect_server(log=log, env=env) as url:
+        with prefect_server(log=log, env=env) as url, \
+                warm_runner({**env, "PREFECT_API_URL": url}, log.with_name("warm-runner.log")) as stage_env:
             console.print(f"Prefect API {url}")
             code = subprocess.call(["dvc", "repro", *(["--force"] if force else []), *(targets or [])],
-                                   env={**env, "PREFECT_API_URL": url})
+                                   env=stage_env)
         if code == 0 and Path("reports/index.html").exists():
             console.print(f"results page: {Path('reports/index.html').resolve()} (and reports/index.md)")
         return code

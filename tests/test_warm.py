@@ -1,0 +1,91 @@
+"""The warm stage runner (flows/warm.py): a command forked from it behaves as the same command run in
+its own process (outputs, exit codes, error lines, Prefect flow runs), and falls back to running
+cold when the runner cannot take it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import tree_digest
+from flows.warm import SOCKET_ENV, warm_runner
+
+ROBUSTDATA = Path(sys.executable).parent / "robustdata"
+
+
+@pytest.fixture
+def runner(tmp_path, prefect_server):
+    """(stage environment, cold environment, runner log), with the runner ready to serve."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    env.pop(SOCKET_ENV, None)
+    log = tmp_path / "warm.log"
+    with warm_runner(env, log) as stage_env:
+        deadline = time.monotonic() + 120
+        while not Path(stage_env[SOCKET_ENV]).exists():
+            assert time.monotonic() < deadline, f"the runner never served: {log.read_text()}"
+            time.sleep(0.2)
+        yield stage_env, env, log
+
+
+def robustdata(*args, env, cwd):
+    return subprocess.run([str(ROBUSTDATA), *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def completed_ingest_runs(api_url: str) -> int:
+    body = {"flows": {"name": {"any_": ["ingest"]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    request = urllib.request.Request(f"{api_url}/flow_runs/count", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_a_warm_stage_does_what_a_cold_one_does(runner, tmp_path, cache_dir):
+    stage_env, cold_env, log = runner
+    outputs = {}
+    for name, env in (("warm", stage_env), ("cold", cold_env)):
+        before = completed_ingest_runs(env["PREFECT_API_URL"])
+        result = robustdata("ingest", "--out", tmp_path / name, "--limit", 300, "--shard-size", 100,
+                            env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert completed_ingest_runs(env["PREFECT_API_URL"]) == before + 1  # a real Prefect flow run
+        outputs[name] = tree_digest(tmp_path / name)
+    assert outputs["warm"] == outputs["cold"] and len(outputs["warm"]) > 6
+    assert f"warm: ['ingest', '--out', '{tmp_path / 'warm'}'" in log.read_text()
+
+    bad = {name: robustdata("audit", "--params", tmp_path / "missing.yaml", env=env, cwd=tmp_path)
+           for name, env in (("warm", stage_env), ("cold", cold_env))}
+    assert bad["warm"].returncode == bad["cold"].returncode == 2
+    assert bad["warm"].stderr == bad["cold"].stderr and "missing.yaml" in bad["warm"].stderr
+    assert "-> exit 2" in log.read_text()
+
+
+def test_a_stage_in_another_environment_runs_cold(runner, tmp_path):
+    stage_env, _, log = runner
+    other = {**stage_env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # the runner imported another server
+    result = robustdata("show-params", env=other, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "audit" in result.stdout
+    assert "cold: ['show-params']" in log.read_text() and "warm: ['show-params']" not in log.read_text()
+
+
+def test_killing_a_warm_stage_stops_its_command(runner, tmp_path, cache_dir):
+    stage_env, _, log = runner
+    stage = subprocess.Popen([str(ROBUSTDATA), "ingest", "--out", tmp_path / "full", "--shard-size", "1000"],
+                             env=stage_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not set(tmp_path.iterdir()) - {tmp_path / "warm.log"}:  # its staging directory: it is writing
+        assert time.monotonic() < deadline and stage.poll() is None, "the ingest never started"
+        time.sleep(0.2)
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    deadline = time.monotonic() + 60
+    while "-> exit 143" not in log.read_text():  # SIGTERM'd by the runner once the stage process was gone
+        assert time.monotonic() < deadline, f"the command outlived its stage: {log.read_text()}"
+        time.sleep(0.2)
+    assert not (tmp_path / "full").exists()  # never completed, and nothing that looks complete
