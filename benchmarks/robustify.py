@@ -128,10 +128,13 @@ def redirected(params: Params, work: Path) -> Params:
     return params.model_copy(update=update)
 
 
-def ensure_models(params: Params) -> None:
+SOURCE_MODELS = ("train_standard", "train_plain", "train_robust")
+
+
+def ensure_models(params: Params, names: tuple[str, ...] = SOURCE_MODELS) -> None:
     from flows.train import train_flow
 
-    for section in (params.train_standard, params.train_plain, params.train_robust):
+    for section in (getattr(params, name) for name in names):
         if not (Path(section.out) / "model.pt").exists():
             log.log(f"training {section.out}")
             train_flow(section)
@@ -248,7 +251,7 @@ def main() -> None:
         device = resolve_device(device_name)
         path = Path(build.model) / "model.pt"
         if not path.exists():
-            ensure_models(params)
+            ensure_models(params, ("train_robust",) if args.speed_only else SOURCE_MODELS)
         model, _ = load_checkpoint(path, device)
         for precision in ("fp32", "bf16"):
             rows.append(speed(model, train.images, build, args.speed_steps or build.steps, args.repeats, precision))
