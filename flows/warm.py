@@ -43,7 +43,7 @@ PRELOAD = ("torch", "robustdata.cli", "flows.ingest", "flows.train", "flows.audi
 # environment the preloaded modules read at import: a stage that differs here runs cold
 IMPORT_TIME_ENV = ("PREFECT_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "CUDA_VISIBLE_DEVICES", "ROBUSTDATA_")
 HEADER = struct.Struct("!I")  # length of the JSON request that follows the file descriptors
-COLD, DONE = b"C", b"D"  # replies: run it yourself | finished, followed by the exit code
+COLD, STARTED, DONE = b"C", b"S", b"D"  # replies: run it yourself | running | finished, then the exit code
 EXIT_CODE = struct.Struct("!i")
 
 
@@ -69,10 +69,13 @@ def forward(argv: list[str]) -> int | None:
         socket.send_fds(conn, [HEADER.pack(len(request))], [0, 1, 2])
         conn.sendall(request)
         # if this process is killed, the closed connection tells the runner to stop the command
-        reply = receive_exactly(conn, 1)
-        if reply != DONE:
-            return None
-        return EXIT_CODE.unpack(receive_exactly(conn, EXIT_CODE.size))[0]
+        if receive_exactly(conn, 1) != STARTED:
+            return None  # refused, or the runner went away before starting anything
+        reply = receive_exactly(conn, 1 + EXIT_CODE.size)
+        if reply[:1] != DONE:  # started but never finished: do not run it a second time
+            print("robustdata: the warm stage runner stopped while this command ran", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        return EXIT_CODE.unpack(reply[1:])[0]
 
 
 def receive_exactly(conn: socket.socket, size: int) -> bytes:
@@ -95,6 +98,8 @@ def serve(path: Path) -> None:
     if threading.active_count() > 1:  # a fork copies no threads but may copy a lock one of them held
         log(f"not serving: the imports started threads {[t.name for t in threading.enumerate()]}")
         return  # no socket: every stage runs cold
+    # stopped while a command runs: SystemExit unwinds wait_for, which stops the command first
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path) + ".binding")
         listener.listen()
@@ -102,7 +107,10 @@ def serve(path: Path) -> None:
         while True:
             conn, _ = listener.accept()
             with conn:
-                handle(conn, baseline)
+                try:
+                    handle(conn, baseline)
+                except (OSError, ValueError, KeyError, struct.error) as exc:  # a client gone, or nonsense
+                    log(f"dropped a request: {exc!r}")
 
 
 def handle(conn: socket.socket, baseline: dict[str, str]) -> None:
@@ -119,9 +127,12 @@ def handle(conn: socket.socket, baseline: dict[str, str]) -> None:
         if pid == 0:
             run_command(request, fds)  # never returns
         started = time.perf_counter()
+        with contextlib.suppress(OSError):  # the stage may be gone already: wait_for stops the command
+            conn.sendall(STARTED)
         code = wait_for(pid, conn)
         log(f"warm: {request['argv'][1:]} -> exit {code} in {time.perf_counter() - started:.1f} s")
-        conn.sendall(DONE + EXIT_CODE.pack(code))
+        with contextlib.suppress(OSError):
+            conn.sendall(DONE + EXIT_CODE.pack(code))
     finally:
         for fd in fds:
             os.close(fd)
@@ -157,16 +168,27 @@ def run_command(request: dict, fds: list[int]) -> None:
 
 
 def wait_for(pid: int, conn: socket.socket) -> int:
-    """The child's exit code (128 + signal if killed); stops the child if the client goes away."""
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            return code if code >= 0 else 128 - code
-        readable, _, _ = select.select([conn], [], [], 0.2)
-        if readable and not conn.recv(1, socket.MSG_PEEK):  # the stage process is gone (killed)
-            with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
-                os.killpg(pid, signal.SIGTERM)
+    """The child's exit code (128 + signal if killed). The child is stopped if the stage process goes
+    away (killed, Ctrl-C) or the runner itself is stopped: a command never outlives its stage."""
+    finished = False
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                finished = True
+                code = os.waitstatus_to_exitcode(status)
+                return code if code >= 0 else 128 - code
+            readable, _, _ = select.select([conn], [], [], 0.2)
+            if readable and not conn.recv(1, socket.MSG_PEEK):  # the stage process is gone
+                stop(pid)
+    finally:
+        if not finished:
+            stop(pid)
+
+
+def stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+        os.killpg(pid, signal.SIGTERM)
 
 
 def log(message: str) -> None:

@@ -89,3 +89,24 @@ def test_killing_a_warm_stage_stops_its_command(runner, tmp_path, cache_dir):
         assert time.monotonic() < deadline, f"the command outlived its stage: {log.read_text()}"
         time.sleep(0.2)
     assert not (tmp_path / "full").exists()  # never completed, and nothing that looks complete
+
+
+def test_stopping_the_runner_stops_a_running_command(tmp_path, prefect_server, cache_dir):
+    """`robustdata repro` interrupted: the runner is stopped mid-stage, and the command goes with it."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    env.pop(SOCKET_ENV, None)
+    with warm_runner(env, tmp_path / "warm.log") as stage_env:
+        deadline = time.monotonic() + 120
+        while not Path(stage_env[SOCKET_ENV]).exists():
+            assert time.monotonic() < deadline, "the runner never served"
+            time.sleep(0.2)
+        work = tmp_path / "work"
+        work.mkdir()
+        stage = subprocess.Popen([str(ROBUSTDATA), "ingest", "--out", work / "full", "--shard-size", "1000"],
+                                 env=stage_env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not any(work.iterdir()):
+            assert time.monotonic() < deadline and stage.poll() is None, "the ingest never started"
+            time.sleep(0.2)
+    assert stage.wait(timeout=60) == 143  # the stage reports the command's SIGTERM
+    time.sleep(2)
+    assert not (work / "full").exists()
