@@ -74,6 +74,8 @@ class L2(ThreatModel):
         return grad / per_sample_norm(grad).clamp_min(1e-12)
 
     def project(self, delta):
+        if math.isinf(self.eps):  # feature inversion: only [0, 1] binds, and a no-op costs nothing per step
+            return delta
         norms = per_sample_norm(delta)
         return delta * torch.where(norms > self.eps, self.eps / norms.clamp_min(1e-12), torch.ones_like(norms))
 
@@ -137,6 +139,8 @@ def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, conf
     With several restarts, each sample keeps the run with the highest final objective.
     To minimise a loss (feature inversion), pass its negative.
     """
+    if config.restarts == 1:  # nothing to choose between: skip the final scoring pass
+        return _pgd_run(objective, x.detach(), config, generator, score=False)[0]
     best_x, best_obj = None, None
     for _ in range(config.restarts):
         x_adv, obj = _pgd_run(objective, x.detach(), config, generator)
@@ -148,7 +152,7 @@ def pgd(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, conf
     return best_x
 
 
-def _pgd_run(objective, x, config, generator):
+def _pgd_run(objective, x, config, generator, score: bool = True):
     threat, schedule = config.threat, STEP_SCHEDULES[config.schedule]
     delta = threat.random_start(x, generator) if config.random_start else torch.zeros_like(x)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
@@ -162,7 +166,7 @@ def _pgd_run(objective, x, config, generator):
         delta.requires_grad_(True)
     with torch.no_grad():
         x_adv = (x + delta).detach()
-        return x_adv, objective(x_adv).detach()
+        return x_adv, objective(x_adv).detach() if score else None
 
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: PGDConfig, *,
