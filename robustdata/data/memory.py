@@ -62,23 +62,39 @@ def load_in_memory(root: str | Path | Dataset, *, verify: bool = True, progress:
                         path=dataset.root)
     manifest = read_manifest(dataset.manifest_path)
     keys = manifest.column("key").to_pylist()
-    labels = torch.tensor(manifest.column("label").to_pylist(), dtype=torch.int64)
+    labels = manifest.column("label").to_pylist()
+    check_rows(dataset, keys, labels)
     cache = decoded_cache_path(dataset, cache_dir) if use_cache and verify else None
     images = read_decoded(cache, len(keys), shape) if cache else None
     if images is None:
-        images = decode_all(dataset, manifest, keys, labels, verify, progress)
+        images = decode_all(dataset, keys, labels, manifest.column("sha256").to_pylist(), verify, progress)
         if cache:
             write_decoded(cache, images)
-    return InMemoryDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, keys,
-                           dataset.classes)
+    return InMemoryDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                           torch.tensor(labels, dtype=torch.int64), keys, dataset.classes)
 
 
-def decode_all(dataset: Dataset, manifest, keys: list[str], labels: torch.Tensor, verify: bool,
+def check_rows(dataset: Dataset, keys: list[str], labels: list[int]) -> None:
+    """The manifest lists the card's number of samples, each labelled with one of its classes."""
+    if len(keys) != dataset.card["num_samples"]:
+        raise DataError(f"manifest lists {len(keys)} samples, card.json says {dataset.card['num_samples']}",
+                        path=dataset.manifest_path)
+    num_classes = len(dataset.classes)
+    for key, label in zip(keys, labels):
+        if not 0 <= label < num_classes:
+            raise DataError(f"label {label} is not one of the card's {num_classes} classes",
+                            path=dataset.manifest_path, key=key)
+
+
+def decode_all(dataset: Dataset, keys: list[str], labels: list[int], expected: list[str], verify: bool,
                progress: bool) -> np.ndarray:
     """(N, H, W, C) uint8 from the shards, checked against the manifest row by row."""
     height, width, channels = dataset.card["image_shape"]
-    expected = manifest.column("sha256").to_pylist()
-    images = np.empty((len(keys), height, width, channels), dtype=np.uint8)
+    try:
+        images = np.empty((len(keys), height, width, channels), dtype=np.uint8)
+    except MemoryError as exc:
+        raise DataError(f"{len(keys)} images of {dataset.card['image_shape']} do not fit in memory: use the "
+                        "streaming reader", path=dataset.root) from exc
     mode = "L" if channels == 1 else "RGB"
     index = 0
     with tqdm(total=len(keys), unit="img", desc=f"decode {dataset.root.name}", disable=not progress,

@@ -10,29 +10,34 @@ Each source yields `Sample`s whose key is the sample's identity in the source
 (the origin key) and whose label is checked against the declared classes.
 Pickled formats (the MNIST mirror, CIFAR batches) go through an unpickler that
 resolves only numpy's array constructors, after their hash is checked where one
-is pinned.
+is pinned; SVHN's .mat files go through `mat5` (scipy's reader can crash on a
+corrupt file). What the files hold is then validated here (types, dtypes,
+shapes, lengths agreeing, label ranges): any bad input ends in a DataError
+naming the file, and the sample key where there is one.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
-import io
+import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from robustdata.data.shards import Sample, decode_image, decode_label, decode_record, iter_shard_records
+from robustdata.data import mat5
+from robustdata.data.shards import (
+    KEY_PATTERN, Sample, decode_image, decode_label, decode_record, iter_shard_records,
+)
 from robustdata.errors import DataError, IntegrityError, RobustDataError
 from robustdata.io import atomic_file, read_json, sha256_file
 
@@ -75,33 +80,191 @@ def check_split(split: str, splits: Sequence[str], spec: str) -> None:
 # --------------------------------------------------------------------------- safe unpickling
 
 
+class _PickleGlobal:
+    """Base of what the unpickler hands out for an allowed global. No __dict__ and no
+    slots: BUILD, which writes attributes, cannot alter these shared objects."""
+
+    __slots__ = ()
+
+
+class _ArrayClass(_PickleGlobal):
+    """Stands in for `numpy.ndarray`. Only `_Reconstruct` accepts it; it is not callable,
+    so a pickle cannot call ndarray(shape), an allocation of any size."""
+
+    __slots__ = ()
+
+
+# Plain numeric dtypes: everything the supported formats store (uint8 images, float
+# pixels, integer labels). Object, structured and sub-array dtypes are refused.
+PICKLE_DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
+
+
+class _UnpickledArray(np.ndarray):
+    """The array `_Reconstruct` makes; BUILD then calls this __setstate__ with the real
+    (version, shape, dtype, fortran, data). A pickled dtype carries its own state, which
+    can flag a numeric dtype as holding object pointers: only a plain numeric dtype is
+    admitted, numpy gets a fresh one made from its name, and the data must be bytes (a
+    list is how object arrays pickle). numpy checks the data length against the shape."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("array state is not (version, shape, dtype, fortran, data)")
+        version, shape, dtype, fortran, data = state
+        if not isinstance(dtype, np.dtype) or dtype.str[1:] not in PICKLE_DTYPES or dtype.hasobject \
+                or dtype.fields is not None or dtype.subdtype is not None \
+                or dtype.itemsize != np.dtype(dtype.str).itemsize:
+            raise pickle.UnpicklingError("array dtype is not a plain numeric dtype")
+        if not isinstance(data, (bytes, str)):  # str: a Python-2 pickle's data, read as latin1
+            raise pickle.UnpicklingError("array data is not a byte string")
+        super().__setstate__((version, shape, np.dtype(dtype.str), fortran, data))
+
+
+class _Reconstruct(_PickleGlobal):
+    """numpy pickles every array as `_reconstruct(ndarray, (0,), b'b')` followed by BUILD:
+    only that empty placeholder may be made here."""
+
+    __slots__ = ()
+
+    def __call__(self, subtype: Any, shape: Any, code: Any) -> np.ndarray:
+        if not isinstance(subtype, _ArrayClass) or shape != (0,) or code not in ("b", b"b"):
+            raise pickle.UnpicklingError("numpy._reconstruct called with arguments numpy never pickles")
+        return _UnpickledArray((0,), np.int8)
+
+
+class _DType(_PickleGlobal):
+    """numpy.dtype(name, align, copy), for plain numeric names only."""
+
+    __slots__ = ()
+
+    def __call__(self, code: Any, align: Any = False, copy: Any = True) -> np.dtype:
+        if not isinstance(code, str) or code not in PICKLE_DTYPES:
+            raise pickle.UnpicklingError(f"refusing dtype {str(code)[:20]!r}: only {sorted(PICKLE_DTYPES)}")
+        # Always a copy: BUILD then calls __setstate__ on it, which must never touch
+        # numpy's shared builtin dtype instances.
+        return np.dtype(code, align=False, copy=True)
+
+
+class _Latin1Bytes(_PickleGlobal):
+    """Python 3 writes bytes into protocol-2 pickles as `_codecs.encode(text, 'latin1')`."""
+
+    __slots__ = ()
+
+    def __call__(self, text: Any, encoding: Any) -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("_codecs.encode is allowed only to rebuild latin1 bytes")
+        return text.encode("latin1")
+
+
+class _EmptyBytes(_PickleGlobal):
+    """Python 3 writes b'' into protocol-2 pickles as `__builtin__.bytes()` (an empty
+    array's data, say); any argument (bytes(n) allocates n bytes) is refused."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> bytes:
+        if args:
+            raise pickle.UnpicklingError("__builtin__.bytes is allowed only without arguments")
+        return b""
+
+
 class _NumpyArraysOnly(pickle.Unpickler):
-    """Resolves numpy's array constructors and nothing else (no code execution)."""
+    """Resolves numpy's array constructors, narrowed to what numpy itself pickles, and
+    nothing else: no global can execute code or allocate more than the file holds.
+
+    The pinned MNIST mirror (a Python-2 pickle) needs numpy.core.multiarray._reconstruct,
+    numpy.ndarray and numpy.dtype; pickles written by Python 3 with protocol 2 also
+    rebuild bytes through _codecs.encode and __builtin__.bytes.
+    """
+
+    SAFE_GLOBALS = {
+        ("numpy", "ndarray"): _ArrayClass(),
+        ("numpy", "dtype"): _DType(),
+        ("numpy.core.multiarray", "_reconstruct"): _Reconstruct(),
+        ("numpy._core.multiarray", "_reconstruct"): _Reconstruct(),
+        ("_codecs", "encode"): _Latin1Bytes(),
+        ("__builtin__", "bytes"): _EmptyBytes(),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-            # how protocol-2 pickles written by Python 3 store bytes; only encodes text
-            ("_codecs", "encode"): codecs.encode,
-        }
-        if (module, name) not in allowed:
+        if (module, name) not in self.SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return allowed[(module, name)]
+        return self.SAFE_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a persistent id")
 
 
 def load_numpy_pickle(path: Path, compressed: bool = False) -> Any:
-    """Load a pickle that may only contain numpy arrays, lists, dicts and scalars."""
+    """Load a pickle that may only contain numpy arrays, lists, dicts and scalars.
+
+    The result is untrusted in shape and type: callers validate its structure (and
+    take arrays, an ndarray subclass here, as plain arrays with np.asarray).
+    """
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             obj = _NumpyArraysOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"not a loadable array pickle ({exc})", path=path) from exc
+    except Exception as exc:  # hostile bytes: pickle, gzip, zlib and numpy's __setstate__ raise many types
+        raise DataError(f"not a loadable array pickle ({type(exc).__name__}: {str(exc)[:200]})",
+                        path=path) from exc
     if isinstance(obj, dict):  # Python-2 CIFAR pickles may have bytes keys
         obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     return obj
+
+
+# --------------------------------------------------------------------------- validating unpickled layouts
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer (bool is not a label)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+INT64 = np.iinfo(np.int64)
+
+
+def int_vector(value: Any, what: str, path: Path) -> np.ndarray:
+    """Labels as a 1-D int64 array, from an integer ndarray or a list of integers."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu" or value.ndim != 1:
+            raise DataError(f"{what}: expected a 1-D integer array, got {value.dtype} {value.shape}", path=path)
+        if value.dtype == np.uint64 and value.size and value.max() > INT64.max:
+            raise DataError(f"{what}: a value is larger than any label", path=path)
+        return np.array(value, dtype=np.int64)  # a plain ndarray, not the unpickler's subclass
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{what}: expected a list or array of integers, got {type(value).__name__}", path=path)
+    for index, item in enumerate(value):
+        if not _is_int(item) or not INT64.min <= int(item) <= INT64.max:
+            raise DataError(f"{what}: item {index} is {type(item).__name__}, not an integer label", path=path)
+    return np.array([int(item) for item in value], dtype=np.int64)
+
+
+def first_out_of_range(labels: np.ndarray, low: int, high: int) -> int | None:
+    """Index of the first label outside low..high, or None."""
+    bad = np.flatnonzero((labels < low) | (labels > high))
+    return int(bad[0]) if bad.size else None
+
+
+def check_label_range(labels: np.ndarray, num_classes: int, path: Path, keys: Callable[[int], str]) -> None:
+    """Every label in 0..num_classes-1; the error names the first bad sample's key."""
+    index = first_out_of_range(labels, 0, num_classes - 1)
+    if index is not None:
+        checked_label(int(labels[index]), num_classes, path, keys(index))
+
+
+def float_rows(value: Any, width: int, what: str, path: Path) -> np.ndarray:
+    """A float (N, width) matrix, from a float ndarray or a list of rows of floats."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind != "f" or value.ndim != 2 or value.shape[1] != width:
+            raise DataError(f"{what}: expected a float (N, {width}) array, got {value.dtype} {value.shape}",
+                            path=path)
+        return np.asarray(value)  # a plain ndarray view, not the unpickler's subclass
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{what}: expected a float array, got {type(value).__name__}", path=path)
+    for index, row in enumerate(value):  # checked item by item: numpy would also parse strings
+        if not isinstance(row, (list, tuple)) or len(row) != width \
+                or not all(isinstance(x, (float, np.floating)) for x in row):
+            raise DataError(f"{what}: row {index} is not a list of {width} floats", path=path)
+    return np.array(value, dtype=np.float64).reshape(len(value), width)
 
 
 def check_sha256(path: Path, expected: str) -> None:
@@ -174,15 +337,38 @@ class MnistMirror:
     def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self._arrays is None:
             self.prepare()  # re-verifies the hash right before unpickling
-            splits = load_numpy_pickle(self.pickle_path, compressed=True)
-            self._arrays = {name: self._to_uint8(*pair) for name, pair in zip(self.SPLITS, splits)}
+            self._arrays = self._validated(load_numpy_pickle(self.pickle_path, compressed=True))
         return self._arrays
 
-    def _to_uint8(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _validated(self, obj: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The unpickled object must be ((pixels, labels),) * 3 for train/val/test; any
+        split failing the layout refuses the whole file (it is one pinned artifact)."""
+        path = self.pickle_path
+        if not isinstance(obj, (tuple, list)) or len(obj) != len(self.SPLITS):
+            raise DataError(f"expected a sequence of {len(self.SPLITS)} (images, labels) pairs "
+                            f"({', '.join(self.SPLITS)})", path=path)
+        arrays = {}
+        for split, pair in zip(self.SPLITS, obj):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise DataError(f"split {split!r}: expected an (images, labels) pair", path=path)
+            images = self._to_uint8(pair[0], split)
+            labels = int_vector(pair[1], f"split {split!r} labels", path)
+            if len(labels) != len(images):
+                raise DataError(f"split {split!r} has {len(images)} images but {len(labels)} labels", path=path)
+            check_label_range(labels, 10, path, lambda i, split=split: f"{split}/{i}")
+            arrays[split] = (images, labels)
+        return arrays
+
+    def _to_uint8(self, pixels: Any, split: str) -> np.ndarray:
+        """Float pixels k/256 (k in 0..255), (N, 784) -> the exact uint8 k, (N, 28, 28, 1)."""
+        path, what = self.pickle_path, f"split {split!r} images"
+        pixels = float_rows(pixels, 784, what, path)
+        if not np.isfinite(pixels).all():
+            raise DataError(f"{what}: pixels are not finite", path=path)
         levels = np.rint(pixels * 256.0)
-        if levels.min() < 0 or levels.max() > 255 or not np.array_equal(levels / 256.0, pixels):
-            raise DataError("pixels are not k/256 for k in 0..255", path=self.pickle_path)
-        return levels.astype(np.uint8).reshape(-1, 28, 28, 1), labels.astype(np.int64)
+        if ((levels < 0) | (levels > 255)).any() or not np.array_equal(levels / 256.0, pixels):
+            raise DataError(f"{what}: pixels are not k/256 for k in 0..255", path=path)
+        return levels.astype(np.uint8).reshape(-1, 28, 28, 1)
 
     def splits(self) -> list[str]:
         return list(self.SPLITS)
@@ -195,10 +381,9 @@ class MnistMirror:
 
     def iter_split(self, split: str) -> Iterator[Sample]:
         check_split(split, self.SPLITS, self.spec)
-        images, labels = self._load()[split]
+        images, labels = self._load()[split]  # labels already checked to be in 0..9
         for index, (image, label) in enumerate(zip(images, labels)):
-            key = f"{split}/{index}"
-            yield Sample(key, image, checked_label(label, 10, self.pickle_path, key))
+            yield Sample(f"{split}/{index}", image, int(label))
 
     def input_hashes(self) -> dict[str, str]:
         return {self.WHEEL: self.WHEEL_SHA256, self.MEMBER: self.MEMBER_SHA256}
@@ -213,14 +398,16 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as exc:
-        raise DataError(f"unreadable IDX file ({exc})", path=path) from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile (an OSError), truncation, bad deflate
+        raise DataError(f"unreadable IDX file ({type(exc).__name__}: {exc})", path=path) from exc
     if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError("not a uint8 IDX file (bad magic number)", path=path)
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"IDX header declares {ndim} dimensions but the file ends inside the header", path=path)
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(data) != header + int(np.prod(shape)):
+    if len(data) - header != math.prod(shape):  # Python ints: np.prod would overflow and wrap
         raise DataError(f"IDX header declares shape {shape} but the file has "
                         f"{len(data) - header} data bytes", path=path)
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
@@ -232,6 +419,18 @@ def find_file(path: Path) -> Path:
     if path.exists() or not gz.exists():
         return path
     return gz
+
+
+def decoded_name(name: Any, index: int, path: Path) -> str:
+    """A class name from a CIFAR meta file: text, UTF-8 bytes, or an integer."""
+    if isinstance(name, bytes):
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"class name {index} is not UTF-8 text", path=path) from exc
+    if isinstance(name, str) or _is_int(name):
+        return str(name)
+    raise DataError(f"class name {index} is a {type(name).__name__}, not text", path=path)
 
 
 @dataclass
@@ -246,6 +445,10 @@ class TorchvisionSource:
 
     FORMATS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10",
                "cifar100": "CIFAR100", "svhn": "SVHN"}
+    # CIFAR: the label key in each batch, the class-name key in the meta file, the class count
+    CIFAR_KEYS = {"CIFAR10": ("labels", "label_names", 10), "CIFAR100": ("fine_labels", "fine_label_names", 100)}
+    # MATLAB classes SVHN's labels may have ("logical" is not one: it is read as its own class)
+    SVHN_Y_CLASSES = ("double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 
     def __post_init__(self) -> None:
         normalized = self.dataset.lower().replace("-", "").replace("_", "")
@@ -281,11 +484,14 @@ class TorchvisionSource:
         meta = self.meta_file()
         return files + ([meta] if meta else [])
 
+    def _missing(self) -> list[Path]:
+        return [f for f in self.all_files() if not f.is_file()]
+
     def prepare(self) -> None:
-        missing = [f for f in self.all_files() if not f.exists()]
+        missing = self._missing()
         if missing and self.download:
             self._download()
-            missing = [f for f in self.all_files() if not f.exists()]
+            missing = self._missing()
         if missing:
             raise DataError(f"{self.dataset} files missing under {self.root} (first: {missing[0].name}); "
                             "allow downloads or place the files in torchvision's layout", path=missing[0])
@@ -312,61 +518,111 @@ class TorchvisionSource:
             import torchvision.datasets as tvd
 
             return list(tvd.FashionMNIST.classes)
-        meta = load_numpy_pickle(self.meta_file())
-        names = meta.get("label_names") or meta.get("fine_label_names")
-        if not names:
-            raise DataError("meta file lists no label names", path=self.meta_file())
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        return self._cifar_classes()
+
+    def _cifar_classes(self) -> list[str]:
+        path = self.meta_file()
+        _, names_key, count = self.CIFAR_KEYS[self.dataset]
+        meta = load_numpy_pickle(path)
+        if not isinstance(meta, dict) or names_key not in meta:
+            raise DataError(f"meta file has no {names_key!r} entry", path=path)
+        names = meta[names_key]
+        if not isinstance(names, (list, tuple)) or len(names) != count:
+            raise DataError(f"{names_key!r} must list the {count} class names", path=path)
+        return [decoded_name(name, index, path) for index, name in enumerate(names)]
 
     def split_size(self, split: str) -> int | None:
         return None
 
-    def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, Path]:
-        """(images (N, H, W, C) uint8, labels (N,), the file to blame for a bad label)."""
-        files = self.files(split)
+    def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (images (N, H, W, C) uint8, labels (N,) int64 within the classes)."""
         if self.dataset in ("MNIST", "FashionMNIST"):
-            images, labels = read_idx(files[0]), read_idx(files[1])
-            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-                raise DataError(f"images {images.shape} and labels {labels.shape} do not match",
-                                path=files[0])
-            return images[..., None], labels, files[1]
+            return self._idx(split)
         if self.dataset in ("CIFAR10", "CIFAR100"):
-            parts = [self._cifar_batch(f) for f in files]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), files[-1]
-        return self._svhn(files[0])
+            return self._cifar(split)
+        return self._svhn(split)
+
+    def _idx(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        image_file, label_file = self.files(split)
+        images, labels = read_idx(image_file), read_idx(label_file)
+        if images.ndim != 3 or min(images.shape[1:]) == 0:
+            raise DataError(f"expected images (N, H, W) with H, W > 0, got {images.shape}", path=image_file)
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"expected {len(images)} labels (N,), got {labels.shape}", path=label_file)
+        labels = labels.astype(np.int64)
+        check_label_range(labels, len(self.classes()), label_file, lambda i: f"{split}/{i}")
+        return images[..., None], labels
+
+    def _cifar(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        num_classes = len(self.classes())
+        images, labels = [], []
+        for path in self.files(split):
+            offset = sum(len(part) for part in labels)  # keys number the samples across batches
+            batch_images, batch_labels = self._cifar_batch(path)
+            check_label_range(batch_labels, num_classes, path, lambda i: f"{split}/{offset + i}")
+            images.append(batch_images)
+            labels.append(batch_labels)
+        return np.concatenate(images), np.concatenate(labels)
 
     def _cifar_batch(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """One batch: {'data': uint8 (N, 3072) rows of R, G, B planes, labels: N integers}."""
+        labels_key = self.CIFAR_KEYS[self.dataset][0]
         entry = load_numpy_pickle(path)
-        labels = entry.get("labels", entry.get("fine_labels"))
-        data = np.asarray(entry.get("data"))
-        if labels is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
-                or len(data) != len(labels):
-            raise DataError("not a CIFAR batch (expected uint8 data (N, 3072) and N labels)", path=path)
-        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
+        if not isinstance(entry, dict) or "data" not in entry or labels_key not in entry:
+            raise DataError(f"not a CIFAR batch (expected a dict with 'data' and {labels_key!r})", path=path)
+        data = entry["data"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError("not a CIFAR batch: 'data' must be a uint8 (N, 3072) array", path=path)
+        labels = int_vector(entry[labels_key], f"{labels_key!r}", path)
+        if len(labels) != len(data):
+            raise DataError(f"{len(data)} images but {len(labels)} labels", path=path)
+        return np.asarray(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
-    def _svhn(self, path: Path) -> tuple[np.ndarray, np.ndarray, Path]:
-        import scipy.io
+    def _svhn(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """{split}_32x32.mat: X uint8 (32, 32, 3, N), y (N, 1) digits 1..10 with 10 for 0.
 
-        try:
-            mat = scipy.io.loadmat(path)
-        except Exception as exc:  # scipy raises several types for bad .mat files
-            raise DataError(f"not a readable .mat file ({exc})", path=path) from exc
-        images, labels = mat.get("X"), mat.get("y")
-        if images is None or labels is None or images.ndim != 4 or images.shape[3] != labels.size:
-            raise DataError("expected X (32, 32, 3, N) and y (N, 1)", path=path)
-        labels = labels.reshape(-1).astype(np.int64)
+        Read by our own MAT reader: scipy.io.loadmat crashes the process on some corrupt files."""
+        path = self.files(split)[0]
+        variables = mat5.read_variables(path, ("X", "y"))
+        x, y = variables.get("X"), variables.get("y")
+        if x is None or x.mclass != "uint8" or x.array.ndim != 4 or x.array.shape[:3] != (32, 32, 3):
+            raise DataError(f"expected X, a uint8 (32, 32, 3, N) array (got {self._describe(x)})", path=path)
+        images, n = x.array, x.array.shape[3]
+        if y is None or y.mclass not in self.SVHN_Y_CLASSES or y.array.size != n or y.array.ndim != 2 \
+                or 1 not in y.array.shape:
+            raise DataError(f"expected y, {n} numeric labels (N, 1) (got {self._describe(y)})", path=path)
+        labels = y.array.reshape(-1)
+        integral = np.isfinite(labels) & (labels == np.round(labels)) if labels.dtype.kind == "f" \
+            else np.ones(n, bool)
+        if not integral.all():
+            index = int(np.flatnonzero(~integral)[0])
+            raise DataError(f"label {labels[index]} is not an integer", path=path, key=f"{split}/{index}")
+        index = first_out_of_range(labels, 0, 10)
+        if index is not None:
+            raise DataError(f"label {labels[index]} is outside 0..10 (10 stands for digit 0)", path=path,
+                            key=f"{split}/{index}")
+        labels = labels.astype(np.int64)
         labels[labels == 10] = 0  # SVHN stores digit 0 as label 10
-        return np.ascontiguousarray(images.transpose(3, 0, 1, 2)).astype(np.uint8), labels, path
+        return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
+
+    @staticmethod
+    def _describe(variable: mat5.MatVariable | None) -> str:
+        if variable is None:
+            return "no such variable"
+        shape = variable.array.shape if variable.array is not None else ""
+        return f"{variable.mclass} {shape}".strip()
 
     def iter_split(self, split: str) -> Iterator[Sample]:
         check_split(split, self.splits(), self.spec)
-        images, labels, blame = self._arrays(split)
-        num_classes = len(self.classes())
+        images, labels = self._arrays(split)
         for index, (image, label) in enumerate(zip(images, labels)):
-            key = f"{split}/{index}"
-            yield Sample(key, np.ascontiguousarray(image), checked_label(label, num_classes, blame, key))
+            yield Sample(f"{split}/{index}", np.ascontiguousarray(image), int(label))
 
     def input_hashes(self) -> dict[str, str]:
+        missing = self._missing()
+        if missing:  # the card records every split's file, not only the one ingested
+            raise DataError(f"{self.dataset} file missing (the card lists the hashes of every split's files)",
+                            path=missing[0])
         return {f.relative_to(self.root).as_posix(): sha256_file(f) for f in self.all_files()}
 
 
@@ -374,6 +630,17 @@ class TorchvisionSource:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name read from the file system can be stored as text: names that are
+    not valid UTF-8 come back from os.listdir with lone surrogates, which neither the
+    Parquet manifest nor the JSON card can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -404,20 +671,31 @@ class ImageFolderSource:
         return list(self._split_dirs())
 
     def classes(self) -> list[str]:
-        names = {d.name for root in self._split_dirs().values() for d in root.iterdir() if d.is_dir()}
-        if not names:
+        """Class folder names over all splits, sorted; the label is the index."""
+        folders = {d.name: d for root in self._split_dirs().values() for d in sorted(root.iterdir()) if d.is_dir()}
+        if not folders:
             raise DataError("no class folders found (expected PATH/<class>/<image>.png)", path=self.path)
-        return sorted(names)
+        for name, folder in folders.items():
+            if not is_utf8(name):
+                raise DataError("class folder name is not valid UTF-8", path=folder)
+        return sorted(folders)
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
 
     def _files(self, split: str) -> list[tuple[Path, int]]:
         root = self._split_dirs()[split]
         files = []
         for label, name in enumerate(self.classes()):
             folder = root / name
-            found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-                if folder.is_dir() else []
-            if folder.is_dir() and not found:
+            if not folder.is_dir():
+                continue  # this split has no such class
+            found = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+            if not found:
                 raise DataError("class folder holds no PNG/JPEG images", path=folder)
+            for path in found:
+                if not is_utf8(path.name):  # the key (origin_key in the manifest) must be text
+                    raise DataError("file name is not valid UTF-8", path=path, key=self._key(path))
             files.extend((p, label) for p in found)
         if not files:
             raise DataError("no images found", path=root)
@@ -437,7 +715,7 @@ class ImageFolderSource:
         self._resolved_mode = "L" if grayscale else "RGB"
 
     def _read(self, path: Path, mode: str | None = None) -> np.ndarray:
-        key = path.relative_to(self.path).as_posix()
+        key = self._key(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -456,14 +734,36 @@ class ImageFolderSource:
         if self._resolved_mode is None:
             self.prepare()
         for path, label in self._files(split):
-            yield Sample(path.relative_to(self.path).as_posix(), self._read(path, self._resolved_mode), label)
+            yield Sample(self._key(path), self._read(path, self._resolved_mode), label)
 
     def input_hashes(self) -> dict[str, str]:
-        return {path.relative_to(self.path).as_posix(): sha256_file(path)
-                for split in self.splits() for path, _ in self._files(split)}
+        hashes = {}
+        for split in self.splits():
+            for path, _ in self._files(split):
+                try:
+                    hashes[self._key(path)] = sha256_file(path)
+                except OSError as exc:  # every split is hashed, not only the one ingested
+                    raise DataError(f"unreadable file ({exc.strerror or exc})", path=path,
+                                    key=self._key(path)) from exc
+        return hashes
 
 
 # --------------------------------------------------------------------------- existing shards
+
+
+def card_classes(card: Path) -> list[str]:
+    """The non-empty 'classes' list of names in a dataset card."""
+    try:
+        content = read_json(card)
+    except RecursionError as exc:  # json recurses per nesting level
+        raise DataError("card is nested too deeply to be a dataset card", path=card) from exc
+    except OSError as exc:
+        raise DataError(f"unreadable card ({exc.strerror or exc})", path=card) from exc
+    classes = content.get("classes") if isinstance(content, dict) else None
+    if not isinstance(classes, list) or not classes \
+            or not all(isinstance(name, str) and is_utf8(name) for name in classes):
+        raise DataError("card has no 'classes' list of class names", path=card)
+    return classes
 
 
 @dataclass
@@ -494,6 +794,10 @@ class ShardsSource:
         names = [p.name for p in parents]
         if len(set(names)) != len(names):
             raise DataError(f"shards in several directories with the same name {names}", path=self.pattern)
+        for parent in parents:  # each names a split, and the split prefixes every sample key
+            if not KEY_PATTERN.match(parent.name):
+                raise DataError("directory name cannot name a split: use letters, digits, '_' and '-' only",
+                                path=parent)
         return {parent.name: [p for p in self.paths if p.parent == parent] for parent in parents}
 
     def splits(self) -> list[str]:
@@ -508,10 +812,7 @@ class ShardsSource:
         for parent in sorted({p.parent for p in self.paths}):
             card = parent / "card.json"
             if card.exists():
-                classes = read_json(card).get("classes")
-                if not isinstance(classes, list) or not classes:
-                    raise DataError("card.json has no 'classes' list", path=card)
-                return [str(c) for c in classes]
+                return card_classes(card)
         return None
 
     def _inferred(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Streaming reader: a webdataset pipeline for sets that do not fit in memory.
+"""Streaming reader: shards read one after another, for sets that do not fit in memory.
 
 Shards are read in order (or in a seeded shuffled order per epoch) and split
 across DataLoader workers; each sample is decoded by the safe decoder of
@@ -7,14 +7,16 @@ across DataLoader workers; each sample is decoded by the safe decoder of
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from robustdata.data.manifest import Dataset, open_dataset
+from robustdata.data.manifest import CARD_NAME, Dataset, open_dataset
 from robustdata.data.shards import Sample, iter_shards
+from robustdata.errors import DataError
 
 
 def to_tensors(sample: Sample) -> tuple[torch.Tensor, int]:
@@ -52,8 +54,25 @@ class ShardStream(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             shards = shards[worker.id::worker.num_workers]
-        for sample in iter_shards(shards):
+        for sample in iter_shards(shards, num_classes=len(self.dataset.classes)):
             yield self.transform(sample)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """The card's num_samples. list() and DataLoader preallocate from it, so a card claiming
+        more samples than its shards have room for (a header and a data block each) is refused."""
+        count = self.dataset.card["num_samples"]  # not len(): that fails on counts past sys.maxsize
+        room = sum(file_size(path) for path in self.dataset.shards) // MIN_SAMPLE_BYTES
+        if count > room:
+            raise DataError(f"card.json claims {count} samples, its shards have room for at most {room}",
+                            path=self.dataset.root / CARD_NAME)
+        return count
+
+
+MIN_SAMPLE_BYTES = 2 * tarfile.BLOCKSIZE  # a member header and one data block
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"unreadable shard ({exc.strerror or exc})", path=path) from exc
