@@ -19,6 +19,8 @@ Prints a table and writes reports/bench/pipeline.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import shutil
@@ -52,13 +54,24 @@ def fresh_copy(work: Path) -> Path:
     return work
 
 
-def plain_run(repo: Path) -> float:
-    """The quick profile's work as plain calls in a fresh interpreter (imports counted, as a stage's are)."""
+PLAIN_STAGES = "plain-stages.json"  # written by plain_pipeline in the copy: seconds per DVC stage name
+
+
+def plain_run(repo: Path) -> tuple[float, dict[str, float]]:
+    """The quick profile's work as plain calls in a fresh interpreter (imports counted, as a stage's are);
+    the wall time, and each stage's share."""
     script = "import benchmarks.pipeline as b; b.plain_pipeline()"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", script], cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)},
                    stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, json.loads((repo / PLAIN_STAGES).read_text())
+
+
+@contextlib.contextmanager
+def timed(stages: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    stages[name] = time.perf_counter() - start
 
 
 def plain_pipeline() -> None:
@@ -70,37 +83,50 @@ def plain_pipeline() -> None:
     from tasks import audit, ingest, report, robustify, train
 
     params = load_params("params.yaml")
-    info = ingest.prepare_source.fn(params.ingest)
-    out = Path(params.ingest.out)
-    with atomic_directory(out) as staging:
-        summaries = [ingest.ingest_split_task.fn(params.ingest, split, staging / split)
-                     for split in info["splits"]]
-        ingest.write_index.fn(staging, info["name"], params.ingest.source, info["classes"], summaries)
-    audit.poison_task.fn(params.poison, progress=False)
-    train.train_task.fn(params.train_suspect, progress=False)
-    audit.audit_task.fn(params.audit, progress=False)
-    train.train_task.fn(params.retrain_clean, progress=False)
-    audit.audit_eval_task.fn(params.audit_eval, progress=False)
-    for section in (params.train_standard, params.train_plain, params.train_robust):
-        train.train_task.fn(section, progress=False)
-    train.write_evaluation.fn(params.evaluate.out, [train.evaluate_task.fn(params.evaluate, model, progress=False)
-                                                    for model in params.evaluate.models])
+    stages: dict[str, float] = {}
+    with timed(stages, "ingest"):
+        info = ingest.prepare_source.fn(params.ingest)
+        with atomic_directory(Path(params.ingest.out)) as staging:
+            summaries = [ingest.ingest_split_task.fn(params.ingest, split, staging / split)
+                         for split in info["splits"]]
+            ingest.write_index.fn(staging, info["name"], params.ingest.source, info["classes"], summaries)
+    with timed(stages, "poison"):
+        audit.poison_task.fn(params.poison, progress=False)
+    with timed(stages, "train_suspect"):
+        train.train_task.fn(params.train_suspect, progress=False)
+    with timed(stages, "audit"):
+        audit.audit_task.fn(params.audit, progress=False)
+    with timed(stages, "retrain_clean"):
+        train.train_task.fn(params.retrain_clean, progress=False)
+        audit.audit_eval_task.fn(params.audit_eval, progress=False)
+    for name in ("train_standard", "train_plain", "train_robust"):
+        with timed(stages, name):
+            train.train_task.fn(getattr(params, name), progress=False)
+    with timed(stages, "evaluate"):
+        train.write_evaluation.fn(params.evaluate.out, [train.evaluate_task.fn(params.evaluate, model, progress=False)
+                                                        for model in params.evaluate.models])
     for kind in KINDS:
-        build = getattr(params, f"build_{kind}")
-        planned = robustify.plan_build_task.fn(build)
-        for index in planned["missing"]:
-            robustify.build_shard_task.fn(build, index)
-        robustify.finish_build_task.fn(build)
+        with timed(stages, f"build_{kind}"):
+            build = getattr(params, f"build_{kind}")
+            planned = robustify.plan_build_task.fn(build)
+            for index in planned["missing"]:
+                robustify.build_shard_task.fn(build, index)
+            robustify.finish_build_task.fn(build)
     for kind in ("original", *KINDS):
-        data, limit = dataset_for(kind, params)
-        runs = [robustify.evaluate_on_task.fn(robustify.train_on_task.fn(kind, data, limit, params.robustify_eval,
-                                                                         seed), params.robustify_eval)
-                for seed in params.robustify_eval.seeds]
-        robustify.write_kind_results.fn(kind, data, runs, params.robustify_eval)
-    builds = {kind: getattr(params, f"build_{kind}") for kind in KINDS}
-    robustify.robustify_report_task.fn(builds, params.robustify_eval, params.build_robust.data,
-                                       params.build_robust.model, params.build_nonrobust.model)
-    report.index_task.fn(params)
+        with timed(stages, f"evaluate_{kind}"):
+            data, limit = dataset_for(kind, params)
+            runs = [robustify.evaluate_on_task.fn(robustify.train_on_task.fn(kind, data, limit,
+                                                                             params.robustify_eval, seed),
+                                                  params.robustify_eval)
+                    for seed in params.robustify_eval.seeds]
+            robustify.write_kind_results.fn(kind, data, runs, params.robustify_eval)
+    with timed(stages, "robustify_report"):
+        builds = {kind: getattr(params, f"build_{kind}") for kind in KINDS}
+        robustify.robustify_report_task.fn(builds, params.robustify_eval, params.build_robust.data,
+                                           params.build_robust.model, params.build_nonrobust.model)
+    with timed(stages, "results"):
+        report.index_task.fn(params)
+    Path(PLAIN_STAGES).write_text(json.dumps(stages))
 
 
 def orchestrated_run(repo: Path) -> tuple[float, dict[str, float]]:
@@ -132,10 +158,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "bench-work" / "pipeline")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/pipeline.json")
     args = parser.parse_args()
-    plain, orchestrated, stage_times = [], [], []
+    plain, orchestrated, stage_times, plain_stage_times = [], [], [], []
     for repeat in range(args.repeats):
         repo = fresh_copy(args.work / "plain")
-        plain.append(plain_run(repo))
+        wall, stages = plain_run(repo)
+        plain.append(wall)
+        plain_stage_times.append(stages)
         log.log(f"repeat {repeat}: plain {plain[-1]:.0f} s")
         repo = fresh_copy(args.work / "orchestrated")
         wall, stages = orchestrated_run(repo)
@@ -146,12 +174,21 @@ def main() -> None:
     report: dict[str, Any] = {
         "plain_seconds": plain, "orchestrated_seconds": orchestrated, "ratio_of_medians": ratio,
         "target": 1.05, "met": ratio <= 1.05, "stages_seconds": stage_times,
+        "plain_stages_seconds": plain_stage_times,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "built_by": code_version()}
     write_json_atomic(args.out, report)
     table = Table(title="quick profile wall time: Prefect + DVC vs plain library calls (median s)")
     for column in ("plain", "dvc repro + prefect", "ratio", "target"):
         table.add_column(column, justify="right")
     table.add_row(f"{statistics.median(plain):.0f}", f"{statistics.median(orchestrated):.0f}", f"{ratio:.3f}", "1.05")
+    Console(width=160).print(table)
+    table = Table(title="per stage (median s): DVC stage wall time vs the same calls in the plain run")
+    for column in ("stage", "plain", "dvc + prefect", "difference"):
+        table.add_column(column, justify="right")
+    for name in stage_times[0]:
+        ours = statistics.median(s[name] for s in stage_times)
+        bare = statistics.median(s.get(name, 0.0) for s in plain_stage_times)
+        table.add_row(name, f"{bare:.1f}", f"{ours:.1f}", f"{ours - bare:+.1f}")
     Console(width=160).print(table)
     log.log(f"wrote {args.out}")
 

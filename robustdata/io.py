@@ -118,5 +118,9 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DataError("file not found", path=path) from exc
+    except OSError as exc:
+        raise DataError(f"unreadable file ({exc.strerror or exc})", path=path) from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"not valid UTF-8 JSON ({exc})", path=path) from exc
+    except RecursionError as exc:  # json recurses once per nesting level
+        raise DataError("JSON nested too deeply", path=path) from exc

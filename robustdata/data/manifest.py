@@ -141,12 +141,7 @@ def open_dataset(root: str | Path, verify: bool = True) -> Dataset:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    try:
-        card = read_json(path)
-    except RecursionError as exc:  # json recurses per nesting level
-        raise DataError("card nests too deeply to be a dataset card", path=path) from exc
-    except OSError as exc:
-        raise DataError(f"unreadable card ({exc.strerror or exc})", path=path) from exc
+    card = read_json(path)
     check_card(card, path)
     return card
 

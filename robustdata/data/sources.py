@@ -753,12 +753,7 @@ class ImageFolderSource:
 
 def card_classes(card: Path) -> list[str]:
     """The non-empty 'classes' list of names in a dataset card."""
-    try:
-        content = read_json(card)
-    except RecursionError as exc:  # json recurses per nesting level
-        raise DataError("card is nested too deeply to be a dataset card", path=card) from exc
-    except OSError as exc:
-        raise DataError(f"unreadable card ({exc.strerror or exc})", path=card) from exc
+    content = read_json(card)
     classes = content.get("classes") if isinstance(content, dict) else None
     if not isinstance(classes, list) or not classes \
             or not all(isinstance(name, str) and is_utf8(name) for name in classes):
