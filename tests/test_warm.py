@@ -4,6 +4,7 @@ cold when the runner cannot take it."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,10 +89,14 @@ def test_killing_a_warm_stage_stops_its_command(runner, tmp_path, cache_dir):
     stage.send_signal(signal.SIGKILL)
     stage.wait()
     deadline = time.monotonic() + 60
-    while "-> exit 143" not in log.read_text():  # SIGTERM'd by the runner once the stage process was gone
+    ended = re.compile(r"warm: \['ingest'.* -> exit (\d+)")
+    while not (match := ended.search(log.read_text())):  # the runner reaped the command it stopped
         assert time.monotonic() < deadline, \
             f"the command outlived its stage: {log.read_text()}\n{(tmp_path / 'stage.err').read_text()}"
         time.sleep(0.2)
+    # SIGTERM: 143; or 1 when it lands while Prefect's engine is starting the flow run and turns it into an
+    # exception (seen once, in a full-suite run, with the kill 0.3 s after the start)
+    assert int(match.group(1)) in (1, 143), f"not stopped by SIGTERM: {log.read_text()}"
     assert not (work / "full").exists()  # never completed, and nothing that looks complete
 
 
