@@ -169,9 +169,10 @@ def separation_plot(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def feature_chunks(num_samples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of whole extraction batches, about four per worker. Chunks cut at batch
-    boundaries run exactly the batches of the single pass, so the features come out bit for bit the same."""
-    batches_per_chunk = max(1, math.ceil(math.ceil(num_samples / batch_size) / (4 * workers)))
+    """[start, stop) ranges of whole extraction batches, one per worker (each chunk loads the model and the
+    dataset, so more chunks would repeat that I/O). Chunks cut at batch boundaries run exactly the batches
+    of the single pass, so the features come out bit for bit the same."""
+    batches_per_chunk = max(1, math.ceil(math.ceil(num_samples / batch_size) / workers))
     step = batches_per_chunk * batch_size
     return [(start, min(start + step, num_samples)) for start in range(0, num_samples, step)]
 
