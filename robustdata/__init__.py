@@ -8,10 +8,16 @@ imported on first use so that `import robustdata` stays light.
 
 from typing import Any
 
+from robustdata.allocator import keep_freed_memory
+
 __version__ = "0.1.0"
 
 API = ("audit", "build", "evaluate", "fit", "ingest", "load_params", "pipeline", "plant_poisons")
 __all__ = ["__version__", *API]
+
+# every entry (CLI, API, DVC stage, Dask worker, the plain library calls) trains or attacks models on CPU
+# in this process: robustdata/allocator.py says why the allocator's defaults cost them seconds per run
+keep_freed_memory()
 
 
 def __getattr__(name: str) -> Any:
