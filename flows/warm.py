@@ -1,14 +1,19 @@
-"""A warm runner for `dvc repro` stages: each stage forked from one process that has already
-imported torch, Prefect and the flows.
+"""A warm runner for `dvc repro` stages: the stages' commands run one after another in one warm
+process, as the same calls would in one Python program.
 
-Every DVC stage is a `robustdata ...` process, and importing torch, Prefect and matplotlib takes
-about 2.8 s of each one's start: over the quick profile's 21 stages, about 7% of its wall time for
-nothing. `robustdata repro` starts this runner beside the Prefect server and gives the stages its
-socket (ROBUSTDATA_WARM_SOCKET). A stage's `robustdata` process then imports nothing heavy: it
-connects, passes its argv, working directory, environment and its stdin/stdout/stderr (SCM_RIGHTS),
-and exits with the exit code of a child that the runner forked to run the command. To the command
-the child is a fresh process: module state copied from a parent that never ran a command, the
-stage's own directory, environment and file descriptors, its own process group.
+Every DVC stage is a `robustdata ...` process, and a fresh process pays a warm-up on top of its
+work: about 2.8 s of imports (torch, Prefect, matplotlib), then its first training steps, attacks and
+Prefect flow run run slower than later ones. Over the quick profile's 21 stages that came to 25%
+of the pipeline's wall time (benchmarks/pipeline.py). `robustdata repro` starts this runner beside
+the Prefect server and gives the stages its socket (ROBUSTDATA_WARM_SOCKET). A stage's `robustdata`
+process then imports nothing heavy: it connects, passes its argv, working directory, environment
+and its stdin/stdout/stderr (SCM_RIGHTS), and exits with the command's exit code.
+
+The runner itself only imports. It forks a worker, which runs each command in itself with the
+stage's file descriptors, directory, environment and argv, and afterwards puts back what a command
+may change of a process (ProcessState: those, torch's thread count and seeds, Python's and numpy's
+random state, signal handlers). A command that fails retires the worker, and the next command gets
+a fresh one. A killed stage, or a stopped runner, stops the worker with its process group.
 
 The runner only serves stages whose environment agrees with its own where the preloaded modules
 read it at import time (PREFECT_*, thread counts); any other stage, or any stage while the runner is
@@ -19,10 +24,12 @@ starting or gone, runs in its own process as before. Nothing here changes what a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -33,6 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -100,95 +108,230 @@ def serve(path: Path) -> None:
         return  # no socket: every stage runs cold
     # stopped while a command runs: SystemExit unwinds wait_for, which stops the command first
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(path) + ".binding")
-        listener.listen()
-        os.replace(str(path) + ".binding", path)  # clients see the socket only once it accepts
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                try:
-                    handle(conn, baseline)
-                except (OSError, ValueError, KeyError, struct.error) as exc:  # a client gone, or nonsense
-                    log(f"dropped a request: {exc!r}")
+    worker: Worker | None = None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(path) + ".binding")
+            listener.listen()
+            os.replace(str(path) + ".binding", path)  # clients see the socket only once it accepts
+            while True:
+                # forked before a stage connects, so that it holds none of a stage's file descriptors
+                worker = worker if worker is not None else Worker(listener)
+                conn, _ = listener.accept()
+                with conn:
+                    try:
+                        worker = handle(conn, baseline, worker)
+                    except (OSError, ValueError, KeyError, struct.error) as exc:  # a client gone, or nonsense
+                        log(f"dropped a request: {exc!r}")
+    finally:
+        if worker is not None:
+            worker.close()
 
 
-def handle(conn: socket.socket, baseline: dict[str, str]) -> None:
+def handle(conn: socket.socket, baseline: dict[str, str], worker: Worker) -> Worker | None:
+    """Run one stage's command in the worker; the worker to use next (None: fork a fresh one)."""
     header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
     try:
         request = json.loads(receive_exactly(conn, HEADER.unpack(header)[0]))
         if len(fds) != 3 or import_time_env(request["env"]) != baseline:
             log(f"cold: {request['argv'][1:]} (environment differs from the runner's)")
             conn.sendall(COLD)
-            return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            run_command(request, fds)  # never returns
+            return worker
         started = time.perf_counter()
+        worker.send(request, fds)
         with contextlib.suppress(OSError):  # the stage may be gone already: wait_for stops the command
             conn.sendall(STARTED)
-        code = wait_for(pid, conn)
-        log(f"warm: {request['argv'][1:]} -> exit {code} in {time.perf_counter() - started:.1f} s")
+        code = worker.wait_for(conn)
+        log(f"warm: {request['argv'][1:]} -> exit {code} in {time.perf_counter() - started:.1f} s "
+            f"(worker {worker.pid}, command {worker.commands})")
         with contextlib.suppress(OSError):
             conn.sendall(DONE + EXIT_CODE.pack(code))
+        if code != 0:  # a failed command may leave state behind: the next one gets a fresh worker
+            worker.close()
+            return None
+        return worker
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def run_command(request: dict, fds: list[int]) -> None:
-    """In the forked child: become the stage's process and run the CLI; exits with its code."""
-    code = 1
-    try:
-        os.setpgid(0, 0)  # its own group, so the runner can stop it with everything it started
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        sys.stdout.reconfigure(line_buffering=True)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update({k: v for k, v in request["env"].items() if k != SOCKET_ENV})  # nested calls run cold
-        sys.argv = request["argv"]
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from robustdata.cli import app
+class Worker:
+    """A child forked from the runner that runs the stages' commands one after another, in itself.
 
+    Forking a child per command saves the imports but not the rest of a process's warm-up: the
+    allocator's and oneDNN's first steps, Prefect's first flow run. With one worker, stage after
+    stage runs in a warm process, as the same calls do in one Python program. Between commands the
+    worker puts back what a command may change of its process (ProcessState), and a command that
+    fails retires it.
+    """
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.channel, child_end = socket.socketpair()
+        self.commands = 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            listener.close()
+            self.channel.close()
+            os._exit(work(child_end))
+        child_end.close()
+        log(f"worker {self.pid} started")
+
+    def send(self, request: dict, fds: list[int]) -> None:
+        payload = json.dumps(request).encode()
+        socket.send_fds(self.channel, [HEADER.pack(len(payload))], fds)
+        self.channel.sendall(payload)
+        self.commands += 1
+
+    def wait_for(self, conn: socket.socket) -> int:
+        """The command's exit code (128 + signal if the worker was killed). The worker is stopped if the
+        stage process goes away (killed, Ctrl-C) or the runner itself is stopped: a command never
+        outlives its stage."""
+        finished = False
+        try:
+            while True:
+                readable, _, _ = select.select([conn, self.channel], [], [], 0.5)
+                if self.channel in readable:
+                    reply = receive_exactly(self.channel, EXIT_CODE.size)
+                    if len(reply) == EXIT_CODE.size:
+                        finished = True
+                        return EXIT_CODE.unpack(reply)[0]
+                    return self.reap()  # the worker died in the command (os._exit, a crash)
+                if conn in readable and not conn.recv(1, socket.MSG_PEEK):  # the stage process is gone
+                    return self.stop()
+        finally:
+            if not finished:
+                self.stop()
+
+    def stop(self) -> int:
+        """SIGTERM to the worker's process group (the command and whatever it started); its exit code."""
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+        return self.reap()
+
+    def reap(self, timeout: float = 30) -> int:
+        """Wait for the worker to exit (SIGKILL after `timeout`); its exit code, 128 + signal if killed."""
+        if self.pid <= 0:
+            return 0
+        deadline = time.monotonic() + timeout
+        while (result := os.waitpid(self.pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                result = os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.05)
+        self.pid = -1
+        code = os.waitstatus_to_exitcode(result[1])
+        return code if code >= 0 else 128 - code
+
+    def close(self) -> None:
+        """Let the worker finish (its exit handlers flush Prefect's logs), or stop it after a while."""
+        if self.pid > 0:
+            self.channel.close()
+            self.reap(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def work(channel: socket.socket) -> int:
+    """In the worker: run each command the runner sends, in this process, until the runner lets go."""
+    os.setpgid(0, 0)  # its own group, so the runner can stop it with everything a command started
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.stdout.reconfigure(line_buffering=True)
+    fresh = ProcessState.capture()
+    try:
+        while True:
+            try:
+                header, fds, _, _ = socket.recv_fds(channel, HEADER.size, 3)
+            except OSError:
+                header = b""
+            if len(header) != HEADER.size:  # the runner let go
+                return 0
+            request = json.loads(receive_exactly(channel, HEADER.unpack(header)[0]))
+            try:
+                code = run_command(request, fds)
+            finally:
+                fresh.restore()
+                for fd in fds:
+                    os.close(fd)
+            channel.sendall(EXIT_CODE.pack(code))
+            if code != 0:
+                return code
+    finally:
+        atexit._run_exitfuncs()  # what a process's exit runs: Prefect drains its log and event queues
+
+
+def run_command(request: dict, fds: list[int]) -> int:
+    """Become the stage's process (its stdin/stdout/stderr, directory, environment, argv) and run the CLI."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update({k: v for k, v in request["env"].items() if k != SOCKET_ENV})  # nested calls run cold
+    sys.argv = request["argv"]
+    from robustdata.cli import app
+
+    try:
         app(args=request["argv"][1:], prog_name="robustdata")
-        code = 0
+        return 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # a bug in the command: shown as a cold run would show it
         traceback.print_exc()
+        return 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
 
 
-def wait_for(pid: int, conn: socket.socket) -> int:
-    """The child's exit code (128 + signal if killed). The child is stopped if the stage process goes
-    away (killed, Ctrl-C) or the runner itself is stopped: a command never outlives its stage."""
-    finished = False
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                finished = True
-                code = os.waitstatus_to_exitcode(status)
-                return code if code >= 0 else 128 - code
-            readable, _, _ = select.select([conn], [], [], 0.2)
-            if readable and not conn.recv(1, socket.MSG_PEEK):  # the stage process is gone
-                stop(pid)
-    finally:
-        if not finished:
-            stop(pid)
+@dataclass
+class ProcessState:
+    """What a command may change of the process it runs in, as a fresh process has it: put back after
+    every command so that the next one starts as it would in its own process."""
 
+    cwd: str
+    env: dict[str, str]
+    argv: list[str]
+    std_fds: list[int]  # duplicates of the worker's own stdin/stdout/stderr
+    torch_threads: int
+    torch_seed: int
+    python_random: object
+    numpy_random: dict
+    signals: dict[int, object]
 
-def stop(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
-        os.killpg(pid, signal.SIGTERM)
+    @classmethod
+    def capture(cls) -> ProcessState:
+        import numpy
+        import torch
+
+        return cls(cwd=os.getcwd(), env=dict(os.environ), argv=list(sys.argv),
+                   std_fds=[os.dup(fd) for fd in (0, 1, 2)], torch_threads=torch.get_num_threads(),
+                   torch_seed=torch.initial_seed(), python_random=random.getstate(),
+                   numpy_random=numpy.random.get_state(legacy=False),
+                   signals={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)})
+
+    def restore(self) -> None:
+        import numpy
+        import torch
+
+        for target, fd in enumerate(self.std_fds):
+            os.dup2(fd, target)
+        os.chdir(self.cwd)
+        os.environ.clear()
+        os.environ.update(self.env)
+        sys.argv = list(self.argv)
+        torch.set_num_threads(self.torch_threads)
+        torch.manual_seed(self.torch_seed)  # the CPU and every CUDA generator, as at a process's start
+        random.setstate(self.python_random)
+        numpy.random.set_state(self.numpy_random)
+        for number, handler in self.signals.items():
+            signal.signal(number, handler)
 
 
 def log(message: str) -> None:
@@ -196,9 +339,9 @@ def log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def warm_runner(env: dict[str, str], log_path: Path) -> Iterator[dict[str, str]]:
-    """Start a runner with `env`; yield `env` plus its socket, for the stages' environment. The runner
-    starts in the background: stages that begin before it is ready run cold."""
+def warm_runner(env: dict[str, str], log_path: Path, ready_timeout: float = 60) -> Iterator[dict[str, str]]:
+    """Start a runner with `env`; yield `env` plus its socket, for the stages' environment, once it serves
+    (or after `ready_timeout` s, or if it exits: stages that find no runner run cold)."""
     from flows.server import stop_process_group
 
     with tempfile.TemporaryDirectory(prefix="robustdata-warm-") as tmp, open(log_path, "w") as output:
@@ -208,9 +351,13 @@ def warm_runner(env: dict[str, str], log_path: Path) -> Iterator[dict[str, str]]
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                    cwd=Path(__file__).resolve().parents[1])
         try:
+            # give it the seconds its imports take, so that the first stage is warm too
+            deadline = time.monotonic() + ready_timeout
+            while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
             yield {**runner_env, SOCKET_ENV: str(path)}
         finally:
-            stop_process_group(process, signal.SIGTERM, timeout=10)
+            stop_process_group(process, signal.SIGTERM, timeout=30)
 
 
 if __name__ == "__main__":

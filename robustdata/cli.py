@@ -39,9 +39,12 @@ class _QuietUserErrors(logging.Filter):
         return True
 
 
+QUIET_USER_ERRORS = _QuietUserErrors()
+
+
 def run_guarded(command: Callable[[], Any]) -> Any:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_QuietUserErrors())
+        logging.getLogger(name).addFilter(QUIET_USER_ERRORS)  # the same filter once, however often this runs
     try:
         return command()
     except RobustDataError as exc:

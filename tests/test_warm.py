@@ -119,3 +119,62 @@ def test_stopping_the_runner_stops_a_running_command(tmp_path, prefect_server, c
     assert stage.wait(timeout=60) == 143  # the stage reports the command's SIGTERM
     time.sleep(2)
     assert not (work / "full").exists()
+
+
+def worker_of(log_text: str, argv_start: str) -> tuple[int, int]:
+    """(worker pid, its command number) of the last logged command whose argv starts with `argv_start`."""
+    pattern = re.compile(r"warm: \[" + re.escape(argv_start) + r".* -> exit \d+ in [0-9.]+ s \(worker (\d+), command (\d+)\)")
+    pid, number = pattern.findall(log_text)[-1]
+    return int(pid), int(number)
+
+
+def test_commands_run_one_after_another_in_one_worker_and_a_failure_retires_it(runner, tmp_path, cache_dir):
+    stage_env, cold_env, log = runner
+    digests = []
+    for name, env in (("first", stage_env), ("second", stage_env), ("cold", cold_env)):
+        result = robustdata("ingest", "--out", tmp_path / name, "--limit", 200, "--shard-size", 100,
+                            env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        digests.append(tree_digest(tmp_path / name))
+        if name != "cold":
+            assert worker_of(log.read_text(), f"'ingest', '--out', '{tmp_path / name}'")[1] == len(digests)
+    assert digests[0] == digests[1] == digests[2]  # the second command starts as the first did
+    worker = worker_of(log.read_text(), "'ingest'")[0]
+    assert worker_of(log.read_text(), f"'ingest', '--out', '{tmp_path / 'first'}'")[0] == worker
+
+    failed = robustdata("audit", "--params", tmp_path / "missing.yaml", env=stage_env, cwd=tmp_path)
+    assert failed.returncode == 2 and worker_of(log.read_text(), "'audit'") == (worker, 3)
+    after = robustdata("show-params", env=stage_env, cwd=Path(__file__).resolve().parents[1])
+    assert after.returncode == 0 and "audit" in after.stdout
+    assert worker_of(log.read_text(), "'show-params'")[0] != worker  # a fresh worker after the failure
+
+
+def test_what_a_command_changes_of_the_process_is_put_back(tmp_path, monkeypatch):
+    import random
+    import numpy
+    import torch
+    from flows.warm import ProcessState
+
+    def snapshot():
+        return (os.getcwd(), dict(os.environ), list(sys.argv), torch.get_num_threads(), torch.rand(3).tolist(),
+                random.random(), numpy.random.random(), signal.getsignal(signal.SIGINT))
+
+    fresh = ProcessState.capture()
+    before = snapshot()
+    fresh.restore()  # the generators drawn from by snapshot() go back to where they were
+    try:
+        os.chdir(tmp_path)
+        monkeypatch.setenv("ROBUSTDATA_TEST_LEAK", "1")
+        sys.argv = ["robustdata", "leak"]
+        torch.set_num_threads(1 if torch.get_num_threads() > 1 else 2)
+        torch.manual_seed(123)
+        random.seed(123)
+        numpy.random.seed(123)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert snapshot() != before
+        fresh.restore()
+        assert snapshot() == before
+    finally:
+        fresh.restore()
+        for fd in fresh.std_fds:
+            os.close(fd)
