@@ -301,6 +301,7 @@ class ProcessState:
     std_fds: list[int]  # duplicates of the worker's own stdin/stdout/stderr
     torch_threads: int
     torch_seed: int
+    torch_random: object
     python_random: object
     numpy_random: dict
     signals: dict[int, object]
@@ -312,7 +313,8 @@ class ProcessState:
 
         return cls(cwd=os.getcwd(), env=dict(os.environ), argv=list(sys.argv),
                    std_fds=[os.dup(fd) for fd in (0, 1, 2)], torch_threads=torch.get_num_threads(),
-                   torch_seed=torch.initial_seed(), python_random=random.getstate(),
+                   torch_seed=torch.initial_seed(), torch_random=torch.random.get_rng_state(),
+                   python_random=random.getstate(),
                    numpy_random=numpy.random.get_state(legacy=False),
                    signals={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)})
 
@@ -327,7 +329,8 @@ class ProcessState:
         os.environ.update(self.env)
         sys.argv = list(self.argv)
         torch.set_num_threads(self.torch_threads)
-        torch.manual_seed(self.torch_seed)  # the CPU and every CUDA generator, as at a process's start
+        torch.manual_seed(self.torch_seed)  # every CUDA generator as at a process's start (the CPU one too)
+        torch.random.set_rng_state(self.torch_random)  # the CPU generator exactly where it was
         random.setstate(self.python_random)
         numpy.random.set_state(self.numpy_random)
         for number, handler in self.signals.items():

@@ -159,6 +159,9 @@ def test_what_a_command_changes_of_the_process_is_put_back(tmp_path, monkeypatch
         return (os.getcwd(), dict(os.environ), list(sys.argv), torch.get_num_threads(), torch.rand(3).tolist(),
                 random.random(), numpy.random.random(), signal.getsignal(signal.SIGINT))
 
+    found = torch.random.get_rng_state()  # the suite's, put back at the end
+    torch.manual_seed(7)
+    torch.rand(5)  # a generator drawn from since its seeding: restore must put back this state, not the seed's
     fresh = ProcessState.capture()
     before = snapshot()
     fresh.restore()  # the generators drawn from by snapshot() go back to where they were
@@ -176,5 +179,6 @@ def test_what_a_command_changes_of_the_process_is_put_back(tmp_path, monkeypatch
         assert snapshot() == before
     finally:
         fresh.restore()
+        torch.random.set_rng_state(found)
         for fd in fresh.std_fds:
             os.close(fd)
