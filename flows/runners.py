@@ -1,7 +1,12 @@
-"""Where a flow's mapped tasks run: threads in this process, or Dask worker processes."""
+"""How a command's flows run: where their mapped tasks go (threads in this process, or Dask worker
+processes), and what Prefect keeps alive beside them."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+from prefect.settings import get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 
@@ -20,3 +25,21 @@ def task_runner_for(dask: str | None, workers: int):
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     return DaskTaskRunner(address=dask)
+
+
+@contextlib.contextmanager
+def flow_runs_bound_to_this_process() -> Iterator[None]:
+    """Flow runs started by a `robustdata` command (a DVC stage, a shell) without Prefect heartbeats,
+    unless the user configured them (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, or a Prefect profile).
+
+    Heartbeats let an automation mark a deployment's run as crashed when its worker dies unseen. A
+    command's run lives and dies with the command, whose exit status tells its caller. And they cost
+    time: Prefect's heartbeat thread sleeps in 1 s steps and every flow run joins it at its end, so a
+    run ends only on the next whole second after its start (up to 1 s a flow run; about 10 s over the
+    quick profile's stages). Deployment runs (`robustdata serve`) keep Prefect's default.
+    """
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.error import URLError
 from urllib.request import urlopen
 
@@ -55,9 +55,19 @@ def stop_process_group(process: subprocess.Popen, sig: int, timeout: float = 30)
 def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
     """Yield the API URL of a Prefect server: PREFECT_API_URL when one is set, else a fresh
     `prefect server start` on a free loopback port, stopped (with its process group) on exit."""
+    with starting_prefect_server(log, env) as (url, wait_until_healthy):
+        wait_until_healthy()
+        yield url
+
+
+@contextlib.contextmanager
+def starting_prefect_server(log: Path | None = None, env: dict[str, str] | None = None
+                            ) -> Iterator[tuple[str, Callable[[], None]]]:
+    """prefect_server, yielding as soon as the server is started: its URL, and a function that waits until
+    it answers. A server takes about 3 s to answer; the caller can start other things meanwhile."""
     env = dict(os.environ if env is None else env)
     if env.get("PREFECT_API_URL"):
-        yield env["PREFECT_API_URL"]
+        yield env["PREFECT_API_URL"], lambda: None
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -66,7 +76,8 @@ def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -
     output = open(log, "w") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+
+    def wait_until_healthy() -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not healthy(url):
             if process.poll() is not None:
@@ -74,8 +85,10 @@ def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -
                                       + (f"; see {log}" if log else ""))
             if time.monotonic() > deadline:
                 raise RobustDataError(f"the Prefect server did not answer on {url} within {START_TIMEOUT_S} s")
-            time.sleep(0.5)
-        yield url
+            time.sleep(0.1)
+
+    try:
+        yield url, wait_until_healthy
     finally:
         stop_process_group(process, signal.SIGTERM)
         if log is not None:

@@ -363,5 +363,19 @@ def warm_runner(env: dict[str, str], log_path: Path, ready_timeout: float = 60) 
             stop_process_group(process, signal.SIGTERM, timeout=30)
 
 
+def main(path: Path) -> None:
+    """Serve until stopped, then leave without the interpreter's teardown: unloading torch and Prefect
+    takes about 1.4 s, every `robustdata repro` would wait for it, and the runner has nothing to flush
+    (the worker ran the commands, and its exit handlers ran in it)."""
+    code = 0
+    try:
+        serve(path)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    main(Path(sys.argv[1]))

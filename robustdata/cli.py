@@ -42,11 +42,18 @@ class _QuietUserErrors(logging.Filter):
 QUIET_USER_ERRORS = _QuietUserErrors()
 
 
-def run_guarded(command: Callable[[], Any]) -> Any:
+def run_guarded(command: Callable[[], Any], runs_flows: bool = True) -> Any:
+    """Run a command's body: a RobustDataError becomes one line and its exit code. `runs_flows`: the body
+    runs Prefect flows in this process (flows/runners.py: flow_runs_bound_to_this_process)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(QUIET_USER_ERRORS)  # the same filter once, however often this runs
     try:
-        return command()
+        if not runs_flows:
+            return command()
+        from flows.runners import flow_runs_bound_to_this_process
+
+        with flow_runs_bound_to_this_process():
+            return command()
     except RobustDataError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
@@ -436,15 +443,17 @@ def repro(
     import subprocess
 
     def command() -> int:
-        from flows.server import prefect_server
+        from flows.server import starting_prefect_server
         from flows.warm import warm_runner
 
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         log = Path(".dvc/tmp/prefect-server.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        with prefect_server(log=log, env=env) as url, \
+        # the runner's imports (about 2 s) overlap the server's start (about 3 s)
+        with starting_prefect_server(log=log, env=env) as (url, wait_until_healthy), \
                 warm_runner({**env, "PREFECT_API_URL": url}, log.with_name("warm-runner.log")) as stage_env:
+            wait_until_healthy()
             console.print(f"Prefect API {url}")
             code = subprocess.call(["dvc", "repro", *(["--force"] if force else []), *(targets or [])],
                                    env=stage_env)
@@ -452,7 +461,7 @@ def repro(
             console.print(f"results page: {Path('reports/index.html').resolve()} (and reports/index.md)")
         return code
 
-    raise typer.Exit(run_guarded(command))
+    raise typer.Exit(run_guarded(command, runs_flows=False))
 
 
 @app.command(name="show-params")
@@ -469,7 +478,7 @@ def show_params(
         config = load_params(params, profile=profile)
         sys.stdout.write(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
-    run_guarded(command)
+    run_guarded(command, runs_flows=False)
 
 
 @app.command()
@@ -485,7 +494,7 @@ def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where
         result = index_task.fn(config)
         console.print(f"results page: {result['html']} (sections: {', '.join(result['sections'])})")
 
-    run_guarded(command)
+    run_guarded(command, runs_flows=False)
 
 
 @app.command()
@@ -511,7 +520,7 @@ def serve(
         console.print(f"serving deployment scheduled-audit/{name} ({cron} {timezone}) on {PREFECT_API_URL.value()}")
         serve_audit(name=name, cron=cron, timezone=timezone, params=params.resolve(), profile=profile, plant=plant)
 
-    run_guarded(command)
+    run_guarded(command, runs_flows=False)
 
 
 @app.command()
@@ -538,7 +547,7 @@ def card(path: Path = typer.Argument(..., help="An ingest output directory or on
         for root in roots:
             print_card(open_dataset(root, verify=False).card)
 
-    run_guarded(command)
+    run_guarded(command, runs_flows=False)
 
 
 @app.command()
@@ -557,7 +566,7 @@ def verify(path: Path = typer.Argument(..., help="An ingest output directory or 
                 sum(1 for _ in stream)
             console.print(f"[green]ok[/] {root}: {len(stream)} samples")
 
-    run_guarded(command)
+    run_guarded(command, runs_flows=False)
 
 
 def print_summary(result: dict[str, Any]) -> None:

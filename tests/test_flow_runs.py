@@ -1,0 +1,51 @@
+"""A command's flow runs send no Prefect heartbeats unless the user configured them (flows/runners.py says
+why): checked on the events the test server received."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.settings import temporary_settings
+
+from robustdata.cli import run_guarded
+
+HEARTBEAT = "prefect.flow-run.heartbeat"
+
+
+@flow
+def short_run() -> str:
+    from prefect.runtime import flow_run
+
+    time.sleep(0.3)  # the heartbeat thread sends its first beat as the run starts
+    return flow_run.id
+
+
+def flow_runs_with_heartbeats(runs: list[str], expected: str, timeout: float = 60) -> set[str]:
+    """Which of `runs` the server got heartbeats from, once it has one from `expected` (the control)."""
+    wanted = EventFilter(event=EventNameFilter(name=[HEARTBEAT]),
+                         resource=EventResourceFilter(id=[f"prefect.flow-run.{run}" for run in runs]))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(wanted, limit=50)
+            beating = {event.resource.id.removeprefix("prefect.flow-run.") for event in page.events}
+            if expected in beating or time.monotonic() > deadline:
+                return beating
+            time.sleep(0.5)
+
+
+def test_command_flow_runs_send_no_heartbeat_unless_configured():
+    with temporary_settings(updates={"flows.heartbeat_frequency": 30}):  # a user's setting
+        configured = run_guarded(short_run)
+    default = short_run()  # Prefect's default outside a command: heartbeats on
+    command = run_guarded(short_run)
+    not_a_flow_command = run_guarded(short_run, runs_flows=False)
+
+    beating = flow_runs_with_heartbeats([configured, default, command, not_a_flow_command], expected=default)
+    assert default in beating, "the control run's heartbeat never reached the server: the check proves nothing"
+    assert configured in beating, "a heartbeat frequency the user set must be kept"
+    assert not_a_flow_command in beating
+    assert command not in beating
