@@ -281,13 +281,18 @@ def run_command(request: dict, fds: list[int]) -> int:
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return exit_status(exc)
     except BaseException:  # a bug in the command: shown as a cold run would show it
         traceback.print_exc()
         return 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def exit_status(stop: SystemExit) -> int:
+    """The status a process leaving with `stop` exits with: its int code, 0 for None, 1 for a message."""
+    return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
 
 
 @dataclass
@@ -371,7 +376,7 @@ def main(path: Path) -> None:
     try:
         serve(path)
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
+        code = exit_status(stop)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
