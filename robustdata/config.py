@@ -162,6 +162,7 @@ class BuildParams(Strict):
     batch_size: PositiveInt = 500  # images optimised together
     precision: Literal["bf16", "fp32"] = "fp32"  # autocast of the optimisation steps
     relu_grad_beta: PositiveFloat | None = None  # robust/nonrobust: smoothed ReLU gradients (robustify.py says why)
+    pool_grad: Literal["max", "avg"] = "max"  # robust/nonrobust: the gradient max pools pass back (robustify.py)
     seed: int = 0  # start images / target labels (each shard's stream derives from it)
     device: str = "auto"
     workers: PositiveInt = 1  # shards built at once: threads here, or Dask worker processes with `dask: local`
@@ -201,9 +202,10 @@ def build_defaults(kind: str) -> BuildParams:
     common = dict(kind=kind, out=Path(f"data/built/{kind}"), limit=2000, precision="bf16")
     if kind == "robust":
         return BuildParams(model=Path("models/robust"), steps=100, step_size=1.0, schedule="linear",
-                           relu_grad_beta=4.0, **common)
+                           relu_grad_beta=4.0, pool_grad="avg", **common)
     if kind == "nonrobust":
-        return BuildParams(model=Path("models/plain"), steps=100, step_size=1.0, schedule="linear", **common)
+        return BuildParams(model=Path("models/plain"), steps=100, step_size=1.0, schedule="linear",
+                           pool_grad="avg", **common)
     return BuildParams(model=Path("models/plain"), steps=50, step_size=0.3, eps=4.0, **common)
 
 

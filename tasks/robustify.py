@@ -33,7 +33,7 @@ BUILD_MODULES = ("robustify.py", "attacks.py", "models.py", "builds.py")
 def step_config(params: BuildParams) -> StepConfig:
     return StepConfig(params.steps, params.step_size, params.schedule,
                       math.inf if params.kind in INVERSION_KINDS else params.eps, params.precision,
-                      params.relu_grad_beta)
+                      params.relu_grad_beta, params.pool_grad)
 
 
 def content_params(params: BuildParams) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
 from robustdata.errors import RobustDataError
 from robustdata.models import representation
-from robustdata.robustify import (StepConfig, build_batch, frozen, input_gradients, invert_representation,
-                                  other_indices, relative_distance, smooth_relu_gradients, target_labels,
-                                  targeted_perturbation)
+from robustdata.robustify import (StepConfig, average_pool_gradients, build_batch, frozen, input_gradients,
+                                  invert_representation, other_indices, relative_distance, smooth_relu_gradients,
+                                  target_labels, targeted_perturbation)
 from robustdata.train import predict, save_checkpoint, seeded_model, train_model
 from conftest import markdown_rows, random_samples, tree_digest
 
@@ -61,6 +61,58 @@ def test_smoothed_relu_gradients_are_sigmoid_of_beta_z_and_the_module_is_restore
     torch.testing.assert_close(grad, torch.sigmoid(beta * z.detach()))  # a dark unit still passes gradient
     (plain,) = torch.autograd.grad(relu(z).sum(), z)
     assert torch.equal(plain, (z > 0).float())  # plain ReLU again outside
+
+
+@pytest.mark.parametrize("pool, size", [(torch.nn.MaxPool2d(2), 8), (torch.nn.MaxPool2d(2), 7),
+                                        (torch.nn.MaxPool2d(3, stride=2, padding=1), 8)])
+def test_average_pool_gradients_are_those_of_average_pooling_and_the_module_is_restored(pool, size):
+    """Windows that tile the input (the broadcast path) and those that do not (aten's avg_pool2d_backward)."""
+    z = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    plain_out = pool(z)
+    weights = torch.randn(plain_out.shape, generator=torch.Generator().manual_seed(1))
+    with average_pool_gradients(torch.nn.Sequential(pool), "avg"):
+        out = pool(z)
+        (grad,) = torch.autograd.grad((out * weights).sum(), z)
+    assert torch.equal(out, plain_out)  # outputs unchanged
+    average = torch.nn.functional.avg_pool2d(z, pool.kernel_size, pool.stride, pool.padding)
+    (expected,) = torch.autograd.grad((average * weights).sum(), z)
+    torch.testing.assert_close(grad, expected)  # every pixel of a window gets its share, not only the largest
+    (plain,) = torch.autograd.grad((pool(z) * weights).sum(), z)
+    assert not torch.allclose(plain, expected)  # the max pool's own gradient again outside
+    with pytest.raises(RobustDataError, match="valid"):
+        with average_pool_gradients(torch.nn.Sequential(pool), "median"):
+            pass
+
+
+class PoolingNet(torch.nn.Module):
+    """A representation that is a 2x2 max pool of the image: the mechanism of small_cnn's pools, alone."""
+
+    LAYERS = {"penultimate": "features"}
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten())
+        self.head = torch.nn.Linear(14 * 14, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_inversion_through_average_pool_gradients_draws_whole_strokes_not_a_lattice_of_dots(mnist):
+    """Planted: to match a max pool of x, max-pool gradients draw one pixel per window (the first, on a black
+    start); average-pool gradients draw the whole window, so x's strokes come back whole."""
+    _, train, _ = mnist
+    targets, starts = floats(train.images[:64]), floats(train.images[64:128])
+    strokes = (targets > 0.5) & (starts < 0.1)  # where x has a stroke and the start image none
+    drawn = {}
+    for pool_grad in ("max", "avg"):
+        x_r, distance = invert_representation(PoolingNet(), targets, starts, "penultimate",
+                                              StepConfig(100, 0.5, "linear", pool_grad=pool_grad))
+        assert x_r.min() >= 0 and x_r.max() <= 1
+        assert distance.median() < 0.1  # both match the representation: only what they draw differs
+        drawn[pool_grad] = (x_r[strokes] > 0.3).float().mean().item()
+    # max: about one stroke pixel in four (one per window); avg: all but the windows x0's strokes already fill
+    assert drawn["max"] < 0.3 and drawn["avg"] > 0.8, drawn
 
 
 def test_inversion_lowers_the_feature_distance_and_stays_in_the_unit_cube(mnist):
