@@ -204,7 +204,8 @@ def build_defaults(kind: str) -> BuildParams:
         return BuildParams(model=Path("models/robust"), steps=100, step_size=1.0, schedule="linear",
                            relu_grad_beta=4.0, pool_grad="avg", **common)
     if kind == "nonrobust":
-        return BuildParams(model=Path("models/plain"), steps=100, step_size=1.0, schedule="linear",
+        # within an L2 ball around x0: unbounded, a standard MNIST model's inversion redraws x (README)
+        return BuildParams(model=Path("models/plain"), steps=100, step_size=1.0, schedule="linear", eps=2.0,
                            pool_grad="avg", **common)
     return BuildParams(model=Path("models/plain"), steps=50, step_size=0.3, eps=4.0, **common)
 

@@ -31,8 +31,9 @@ BUILD_MODULES = ("robustify.py", "attacks.py", "models.py", "builds.py")
 
 
 def step_config(params: BuildParams) -> StepConfig:
+    # eps null: an unbounded inversion (D_R); targeted builds refuse it in build_plan
     return StepConfig(params.steps, params.step_size, params.schedule,
-                      math.inf if params.kind in INVERSION_KINDS else params.eps, params.precision,
+                      math.inf if params.eps is None else params.eps, params.precision,
                       params.relu_grad_beta, params.pool_grad)
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from robustdata.attacks import per_sample_norm
 from robustdata.builds import BuildPlan, finish, prepare, shard_seed, write_built_shard
-from robustdata.config import TrainParams
+from robustdata.config import BuildParams, TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import load_in_memory
@@ -27,6 +27,7 @@ from robustdata.robustify import (StepConfig, average_pool_gradients, build_batc
                                   invert_representation, other_indices, relative_distance, smooth_relu_gradients,
                                   target_labels, targeted_perturbation)
 from robustdata.train import predict, save_checkpoint, seeded_model, train_model
+from tasks.robustify import step_config
 from conftest import markdown_rows, random_samples, tree_digest
 
 
@@ -177,6 +178,19 @@ def test_builders_keep_or_replace_labels_as_the_paper_says(mnist):
     with pytest.raises(RobustDataError, match="valid"):
         build_batch("bogus", model, index, train.images, train.labels, 10, "penultimate", config,
                     torch.Generator().manual_seed(0))
+
+
+def test_an_inversion_build_with_eps_stays_in_its_ball_around_the_start_image(mnist):
+    """D_NR's eps reaches the descent through the build params: unbounded, the images move further."""
+    root, train, model = mnist
+    moved = {}
+    for eps in (None, 1.0):
+        params = BuildParams(**build_params(root, "nonrobust", eps=eps, steps=30, step_size=0.5))
+        built = build_batch("nonrobust", model, torch.arange(64), train.images, train.labels, 10, "penultimate",
+                            step_config(params), torch.Generator().manual_seed(0))
+        moved[eps] = per_sample_norm(built.images - floats(train.images[built.start_index])).flatten()
+    assert (moved[1.0] <= 1.0 + 1e-4).all() and moved[1.0].median() > 0.9
+    assert moved[None].median() > 2.0
 
 
 def test_builders_restore_the_model_state(mnist):
