@@ -272,6 +272,8 @@ def main() -> None:
                         help="The built datasets of the quality experiment, comma-separated (D itself always).")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/robustify.json")
     args = parser.parse_args()
+    if unknown := set(args.kinds.split(",")) - set(KINDS):
+        parser.error(f"unknown --kinds {', '.join(sorted(unknown))}; valid: {', '.join(KINDS)}")
     os.chdir(REPO)
     params = redirected(load_params(args.params, profile=None if args.profile == "none" else args.profile), args.work)
     build = params.build_robust
