@@ -272,7 +272,8 @@ def main() -> None:
                         help="The built datasets of the quality experiment, comma-separated (D itself always).")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/robustify.json")
     args = parser.parse_args()
-    if unknown := set(args.kinds.split(",")) - set(KINDS):
+    requested = args.kinds.split(",")
+    if unknown := set(requested) - set(KINDS):
         parser.error(f"unknown --kinds {', '.join(sorted(unknown))}; valid: {', '.join(KINDS)}")
     os.chdir(REPO)
     params = redirected(load_params(args.params, profile=None if args.profile == "none" else args.profile), args.work)
@@ -301,7 +302,7 @@ def main() -> None:
         "built_by": code_version()}
     if not args.speed_only:
         start = time.perf_counter()
-        kinds = tuple(kind for kind in KINDS if kind in args.kinds.split(","))
+        kinds = tuple(kind for kind in KINDS if kind in requested)
         report["quality"] = quality(params, args.work, kinds)
         report["quality"]["seconds"] = time.perf_counter() - start
         report["robustify_eval"] = params.robustify_eval.model_dump(mode="json")

@@ -114,7 +114,7 @@ def smooth_relu_gradients(model: nn.Module, beta: float | None) -> Iterator[None
 
 
 class _AverageGradMaxPool(torch.autograd.Function):
-    """The pool's own forward; backward spreads the gradient over each window as average pooling would."""
+    """The pool's maxima; backward spreads the gradient over each window as average pooling would."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
