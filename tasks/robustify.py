@@ -246,7 +246,7 @@ def build_summary(params: BuildParams) -> dict[str, Any]:
     final = torch.tensor(manifest.column(column).to_pylist(), dtype=torch.float64)
     what = "relative feature distance" if params.kind in INVERSION_KINDS else "cross-entropy to target"
     return {"num_samples": len(dataset), "steps": params.steps, "step_size": params.step_size,
-            "schedule": params.schedule, "eps": params.eps if params.kind not in INVERSION_KINDS else None,
+            "schedule": params.schedule, "eps": params.eps,
             "model": str(params.model), "final": f"{what}: median {final.median():.3f}",
             "manifest_sha256": dataset.card["manifest"]["sha256"]}
 

@@ -339,6 +339,7 @@ def test_build_evaluate_and_report_end_to_end(mnist, api, tmp_path):
     params = {f"build_{kind}": build_params(root, kind, out=str(tmp_path / kind), limit=200, steps=5)
               for kind in ("robust", "nonrobust", "rand", "det")}
     params["build_robust"]["relu_grad_beta"] = 4.0
+    params["build_nonrobust"]["eps"] = 2.0
     params["robustify_eval"] = {
         "test": str(root / "mnist" / "val"), "val": str(root / "mnist" / "val"), "seeds": [0, 1],
         "lrs": [0.05], "fragile_lrs": [0.02, 0.05], "train": {"epochs": 1, "batch_size": 64},
@@ -371,6 +372,8 @@ def test_build_evaluate_and_report_end_to_end(mnist, api, tmp_path):
     for kind, name in (("original", "D"), ("robust", "D_R"), ("det", "D_det")):
         mean = 100 * metrics[kind]["clean_accuracy"]
         assert f"| {name} |" in markdown.replace("\\_", "_") and f"{mean:.1f} ±" in markdown
+    built = markdown_rows(markdown.split("## How each dataset was built")[1])
+    assert [built[name][4] for name in ("D_R", "D_NR", "D_det")] == ["None", "2.0", "1.5"]  # eps (L2)
     figures = sorted((tmp_path / "reports" / "figures").glob("*.png"))
     assert len(figures) == 3 and all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     # DVC plots data: robust accuracy against eps per threat model, eps 0 being the clean accuracy
