@@ -22,7 +22,7 @@ def _layer_pinned_classifier(model: nn.Module, layer: str, **kwargs):
     module (the logits of a plain model) and has no parameter to choose another. With layer_names
     == [layer], that index is 0 and ART's own get_activations resolves it through
     `named_modules()[layer]` and a forward hook on that module: ART's real extraction and scoring,
-    reading the module output flattened to (N, D), as robustdata.models.representation does.
+    reading the module output flattened to (N, D), as robustdata.train.models.representation does.
     """
     from art.estimators.classification import PyTorchClassifier
 

@@ -41,15 +41,15 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from robustdata.detection.features import extract_features  # noqa: E402
-from robustdata.detection.metrics import confusion, detection_metrics  # noqa: E402
-from robustdata.detection.run import run_audit  # noqa: E402
+from robustdata.audit.features import extract_features  # noqa: E402
+from robustdata.audit.metrics import confusion, detection_metrics  # noqa: E402
+from robustdata.audit.scoring import run_audit  # noqa: E402
 from robustdata.config import load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402
-from robustdata.models import layer_module  # noqa: E402
-from robustdata.poison import Attack, Trigger, poison, triggered_test_set  # noqa: E402
-from robustdata.train import fit, generator_for, predict  # noqa: E402
+from robustdata.train.models import layer_module  # noqa: E402
+from robustdata.audit.poisoners import Attack, Trigger, poison, triggered_test_set  # noqa: E402
+from robustdata.train.training import fit, generator_for, predict  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=230)  # the tables are wide; do not fold them to a pipe's 80 columns

@@ -78,9 +78,9 @@ def plain_pipeline() -> None:
     """flows/pipeline.py's steps with every Prefect task replaced by its function (`.fn`)."""
     from robustdata.config import load_params
     from robustdata.io import atomic_directory
-    from robustdata.robustify import KINDS
-    from flows.robustify import dataset_for
-    from tasks import audit, ingest, report, robustify, train
+    from robustdata.config import BUILD_KINDS as KINDS
+    from robustdata.flows.robustify import dataset_for
+    from robustdata.tasks import audit, ingest, report, robustify, train
 
     params = load_params("params.yaml")
     stages: dict[str, float] = {}

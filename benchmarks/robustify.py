@@ -45,11 +45,11 @@ from rich.table import Table  # noqa: E402
 from robustdata.config import BuildParams, Params, load_params  # noqa: E402
 from robustdata.data.memory import load_in_memory  # noqa: E402
 from robustdata.io import code_version, read_json, write_json_atomic  # noqa: E402
-from robustdata.models import representation  # noqa: E402
-from robustdata.robustify import (StepConfig, autocast_steps, average_pool_gradients, frozen,  # noqa: E402
+from robustdata.train.models import representation  # noqa: E402
+from robustdata.robustify.builders import (StepConfig, autocast_steps, average_pool_gradients, frozen,  # noqa: E402
                                   invert_representation)
-from robustdata.train import load_checkpoint, resolve_device  # noqa: E402
-from tasks.robustify import step_config  # noqa: E402
+from robustdata.train.training import load_checkpoint, resolve_device  # noqa: E402
+from robustdata.tasks.robustify import step_config  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=200)
@@ -155,7 +155,7 @@ SOURCE_MODELS = ("train_standard", "train_plain", "train_robust")
 
 
 def ensure_models(params: Params, names: tuple[str, ...] = SOURCE_MODELS) -> None:
-    from flows.train import train_flow
+    from robustdata.flows.train import train_flow
 
     for section in (getattr(params, name) for name in names):
         if not (Path(section.out) / "model.pt").exists():
@@ -164,7 +164,7 @@ def ensure_models(params: Params, names: tuple[str, ...] = SOURCE_MODELS) -> Non
 
 
 def quality(params: Params, work: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
-    from flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
+    from robustdata.flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
 
     ensure_models(params)
     builds = {}
@@ -279,7 +279,7 @@ def main() -> None:
     params = redirected(load_params(args.params, profile=None if args.profile == "none" else args.profile), args.work)
     build = params.build_robust
     if not (Path(build.data) / "train").exists():
-        from flows.ingest import ingest_flow
+        from robustdata.flows.ingest import ingest_flow
 
         log.log(f"ingesting {build.data}")
         ingest_flow(params.ingest)

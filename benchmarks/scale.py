@@ -20,7 +20,7 @@ class in its representation, nine loose clusters instead of one: recall 53% at
 The audited model is the small CNN (penultimate layer, D = 1024) trained for
 --train-steps Adam steps on a fresh sample of the same distribution, enough for
 the trigger to shape its representation. Each size is audited by
-robustdata.detection.stream.stream_audit (filter, spectral signatures, activation
+robustdata.audit.streaming.stream_audit (filter, spectral signatures, activation
 clustering; auto mode) in a fresh subprocess, so its peak RSS
 (resource.getrusage, ru_maxrss; on Linux reset to the current RSS just before
 the audit, so the import of torch does not mask it) is its own. Reported per size: audit time
@@ -58,10 +58,10 @@ import torch.nn.functional as F  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from robustdata.detection.metrics import confusion  # noqa: E402
-from robustdata.detection.stream import STREAM_METHODS, stream_audit  # noqa: E402
+from robustdata.audit.metrics import confusion  # noqa: E402
+from robustdata.audit.streaming import STREAM_METHODS, stream_audit  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402
-from robustdata.models import SmallCNN  # noqa: E402
+from robustdata.train.models import SmallCNN  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=200)

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from robustdata.config import AttackParams, TrainParams, load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402
-from robustdata.train import evaluate_model, fit, resolve_device, seeded_model, train_model  # noqa: E402
+from robustdata.train.training import evaluate_model, fit, resolve_device, seeded_model, train_model  # noqa: E402
 
 log = Console(stderr=True)
 

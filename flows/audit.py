@@ -10,11 +10,11 @@ import torch
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runners import task_runner_for
+from robustdata.flows.runners import task_runner_for
 from robustdata.config import AuditEvalParams, AuditParams, Params, PoisonParams, TrainParams
 from robustdata.data.manifest import open_dataset
-from tasks.audit import audit_eval_task, audit_task, chunk_features_task, feature_chunks, poison_task
-from tasks.train import train_task
+from robustdata.tasks.audit import audit_eval_task, audit_task, chunk_features_task, feature_chunks, poison_task
+from robustdata.tasks.train import train_task
 
 
 @flow(name="poison")

@@ -9,7 +9,7 @@ from prefect import flow
 
 from robustdata.config import IngestParams
 from robustdata.io import atomic_directory
-from tasks.ingest import ingest_split_task, prepare_source, write_index
+from robustdata.tasks.ingest import ingest_split_task, prepare_source, write_index
 
 
 @flow(name="ingest")

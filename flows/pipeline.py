@@ -11,15 +11,14 @@ from typing import Any
 
 from prefect import flow
 
-from flows.audit import audit_flow, retrain_clean_flow
-from flows.ingest import ingest_flow
-from flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
-from flows.train import evaluate_flow
-from robustdata.config import Params
-from robustdata.robustify import KINDS
-from tasks.audit import poison_task
-from tasks.report import index_task
-from tasks.train import train_task
+from robustdata.flows.audit import audit_flow, retrain_clean_flow
+from robustdata.flows.ingest import ingest_flow
+from robustdata.flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
+from robustdata.flows.train import evaluate_flow
+from robustdata.config import BUILD_KINDS, EVALUATED_KINDS, Params
+from robustdata.tasks.audit import poison_task
+from robustdata.tasks.report import index_task
+from robustdata.tasks.train import train_task
 
 
 @flow(name="pipeline")
@@ -33,9 +32,9 @@ def pipeline_flow(params: Params) -> dict[str, Any]:
     for section in (params.train_standard, params.train_plain, params.train_robust):
         train_task(section)
     evaluate_flow(params.evaluate)
-    for kind in KINDS:
+    for kind in BUILD_KINDS:
         run_build(getattr(params, f"build_{kind}"))
-    for kind in ("original", *KINDS):
+    for kind in EVALUATED_KINDS:
         evaluate_built_flow(kind, *dataset_for(kind, params), params.robustify_eval)
     robustify_report_flow(params)
     return index_task(params)

@@ -8,9 +8,10 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-from flows.runners import task_runner_for
+from robustdata.flows.runners import task_runner_for
 from robustdata.config import BuildParams, Params, RobustifyEvalParams
-from tasks.robustify import (ORIGINAL, build_shard_task, evaluate_on_task, finish_build_task, plan_build_task,
+from robustdata.config import ORIGINAL
+from robustdata.tasks.robustify import (build_shard_task, evaluate_on_task, finish_build_task, plan_build_task,
                              robustify_report_task, train_on_task, write_kind_results)
 
 

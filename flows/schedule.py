@@ -14,12 +14,12 @@ from typing import Any
 from prefect import flow
 from prefect.schedules import Cron
 
-from flows.audit import audit_flow
-from flows.ingest import ingest_flow
+from robustdata.flows.audit import audit_flow
+from robustdata.flows.ingest import ingest_flow
 from robustdata.config import load_params
-from tasks.audit import poison_task
-from tasks.report import index_task
-from tasks.train import train_task
+from robustdata.tasks.audit import poison_task
+from robustdata.tasks.report import index_task
+from robustdata.tasks.train import train_task
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

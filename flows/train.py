@@ -8,8 +8,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from robustdata.config import EvaluateParams, TrainParams
-from robustdata.report import evaluation_markdown
-from tasks.train import evaluate_task, train_task, write_evaluation
+from robustdata.report.documents import evaluation_markdown
+from robustdata.tasks.train import evaluate_task, train_task, write_evaluation
 
 
 @flow(name="train")

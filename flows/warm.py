@@ -19,7 +19,7 @@ The runner only serves stages whose environment agrees with its own where the pr
 read it at import time (PREFECT_*, thread counts); any other stage, or any stage while the runner is
 starting or gone, runs in its own process as before. Nothing here changes what a stage computes.
 
-    python -m flows.warm SOCKET_PATH    (started by `robustdata repro`; stopped with SIGTERM)
+    python -m robustdata.flows.warm SOCKET_PATH    (started by `robustdata repro`; stopped with SIGTERM)
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from typing import Iterator
 
 SOCKET_ENV = "ROBUSTDATA_WARM_SOCKET"
 # what a stage process imports (torch, Prefect, matplotlib through the flows and the report)
-PRELOAD = ("torch", "robustdata.cli", "flows.ingest", "flows.train", "flows.audit", "flows.robustify",
-           "flows.pipeline", "tasks.report")
+PRELOAD = ("torch", "robustdata.cli", "robustdata.flows.ingest", "robustdata.flows.train", "robustdata.flows.audit", "robustdata.flows.robustify",
+           "robustdata.flows.pipeline", "robustdata.tasks.report")
 # environment the preloaded modules read at import: a stage that differs here runs cold
 IMPORT_TIME_ENV = ("PREFECT_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "CUDA_VISIBLE_DEVICES", "ROBUSTDATA_")
 HEADER = struct.Struct("!I")  # length of the JSON request that follows the file descriptors
@@ -350,12 +350,12 @@ def log(message: str) -> None:
 def warm_runner(env: dict[str, str], log_path: Path, ready_timeout: float = 60) -> Iterator[dict[str, str]]:
     """Start a runner with `env`; yield `env` plus its socket, for the stages' environment, once it serves
     (or after `ready_timeout` s, or if it exits: stages that find no runner run cold)."""
-    from flows.server import stop_process_group
+    from robustdata.flows.server import stop_process_group
 
     with tempfile.TemporaryDirectory(prefix="robustdata-warm-") as tmp, open(log_path, "w") as output:
         path = Path(tmp) / "stages.sock"
         runner_env = {k: v for k, v in env.items() if k != SOCKET_ENV}
-        process = subprocess.Popen([sys.executable, "-m", "flows.warm", str(path)], env=runner_env,
+        process = subprocess.Popen([sys.executable, "-m", "robustdata.flows.warm", str(path)], env=runner_env,
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                    cwd=Path(__file__).resolve().parents[1])
         try:

@@ -1,23 +1,23 @@
 """robustdata: trustworthy image training sets.
 
-The library layer: pure compute and IO helpers. It never imports Prefect;
-`tasks/` and `flows/` wrap it. The Python API (robustdata.audit(...),
-robustdata.build(...), ...: robustdata/api.py) runs those flows, and is
-imported on first use so that `import robustdata` stays light.
+Layers (DESIGN.md section 2; import-linter checks them in the test run, see pyproject.toml):
+
+    robustdata.cli, robustdata.api     entry points: parse, validate, call flows
+    robustdata.flows  (flows/)         Prefect flows: order, parallelism, artifacts, schedules
+    robustdata.tasks  (tasks/)         Prefect tasks: paths in -> library -> paths + summaries out
+    the library                        config, data, train, audit, robustify, report, io: pure compute
+                                       and IO, never imports Prefect
+
+This module is the Python API's facade: `robustdata.audit(...)`, `robustdata.build(...)` and the
+other names in API load robustdata.api on first use, so that importing the library stays light.
 """
 
 from typing import Any
 
-from robustdata.allocator import keep_freed_memory
-
-__version__ = "0.1.0"
+from robustdata.version import __version__
 
 API = ("audit", "build", "evaluate", "fit", "ingest", "load_params", "pipeline", "plant_poisons")
 __all__ = ["__version__", *API]
-
-# every entry (CLI, API, DVC stage, Dask worker, the plain library calls) trains or attacks models on CPU
-# in this process: robustdata/allocator.py says why the allocator's defaults cost them seconds per run
-keep_freed_memory()
 
 
 def __getattr__(name: str) -> Any:

@@ -20,20 +20,17 @@ This module is the stable surface: the names below keep their meaning across min
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from robustdata.config import (AuditParams, BuildKind, EvaluateParams, IngestParams, Params, PoisonParams,
+from robustdata.config import (BUILD_KINDS, TRAIN_KINDS, AuditParams, EvaluateParams, IngestParams, Params, PoisonParams,
                                TrainParams, build_defaults, load_params, validation_problems)
 from robustdata.errors import RobustDataError
 
 __all__ = ["audit", "build", "evaluate", "fit", "ingest", "load_params", "pipeline", "plant_poisons"]
 
 Section = TypeVar("Section", bound=BaseModel)
-BUILD_KINDS = get_args(BuildKind)
-TRAIN_SECTIONS = {"standard": "train_standard", "robust": "train_robust", "plain": "train_plain",
-                  "suspect": "train_suspect", "clean": "retrain_clean"}
 
 
 def section(default: Section, options: dict[str, Any], what: str) -> Section:
@@ -46,14 +43,14 @@ def section(default: Section, options: dict[str, Any], what: str) -> Section:
 
 def ingest(**options: Any) -> dict[str, Any]:
     """Ingest a source into shards + manifest + card (the `ingest` section's keys: source, out, limit, ...)."""
-    from flows.ingest import ingest_flow
+    from robustdata.flows.ingest import ingest_flow
 
     return ingest_flow(section(IngestParams(), options, "ingest"))
 
 
 def plant_poisons(**options: Any) -> dict[str, Any]:
     """Plant backdoor poisons with ground truth (the `poison` section: data, out, trigger, rate, ...)."""
-    from flows.audit import poison_flow
+    from robustdata.flows.audit import poison_flow
 
     return poison_flow(section(PoisonParams(), options, "poison"))
 
@@ -61,17 +58,17 @@ def plant_poisons(**options: Any) -> dict[str, Any]:
 def fit(kind: str = "standard", **options: Any) -> dict[str, Any]:
     """Train a model with the recipe of params.yaml's train_<kind> section (standard | robust | plain |
     suspect | clean), with `options` (data, out, epochs, lr, ...) laid over it."""
-    if kind not in TRAIN_SECTIONS:
-        raise RobustDataError(f"unknown model kind {kind!r}; valid: {sorted(TRAIN_SECTIONS)}")
-    from flows.train import train_flow
+    if kind not in TRAIN_KINDS:
+        raise RobustDataError(f"unknown model kind {kind!r}; valid: {sorted(TRAIN_KINDS)}")
+    from robustdata.flows.train import train_flow
 
-    default: TrainParams = getattr(Params(), TRAIN_SECTIONS[kind])
+    default: TrainParams = getattr(Params(), TRAIN_KINDS[kind])
     return train_flow(section(default, options, f"train_{kind}"))
 
 
 def evaluate(**options: Any) -> dict[str, Any]:
     """Clean and robust accuracy of models (the `evaluate` section: models, data, attacks, limit, out)."""
-    from flows.train import evaluate_flow
+    from robustdata.flows.train import evaluate_flow
 
     return evaluate_flow(section(EvaluateParams(), options, "evaluate"))
 
@@ -81,7 +78,7 @@ def audit(**options: Any) -> dict[str, Any]:
 
     Returns num_flagged, poisoned_classes, metrics (what reports/<report>/metrics.json holds), report, out.
     """
-    from flows.audit import audit_flow
+    from robustdata.flows.audit import audit_flow
 
     return audit_flow(section(AuditParams(), options, "audit"))
 
@@ -91,13 +88,13 @@ def build(kind: str, **options: Any) -> dict[str, Any]:
     section's recipe and `options` (data, model, out, steps, limit, dask, ...) laid over it."""
     if kind not in BUILD_KINDS:
         raise RobustDataError(f"unknown build kind {kind!r}; valid: {list(BUILD_KINDS)}")
-    from flows.robustify import run_build
+    from robustdata.flows.robustify import run_build
 
     return run_build(section(build_defaults(kind), {**options, "kind": kind}, f"build_{kind}"))
 
 
 def pipeline(params: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
     """The whole pipeline as one flow (what `dvc repro` runs stage by stage); returns the results page paths."""
-    from flows.pipeline import pipeline_flow
+    from robustdata.flows.pipeline import pipeline_flow
 
     return pipeline_flow(load_params(params, profile=profile))

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import robustdata
+from robustdata.version import __version__
+from robustdata.config import BUILD_KINDS, EVALUATED_KINDS, TRAIN_KINDS
 from robustdata.errors import RobustDataError
 
 # The machines this runs on have no route to Prefect's telemetry endpoint.
@@ -50,7 +51,7 @@ def run_guarded(command: Callable[[], Any], runs_flows: bool = True) -> Any:
     try:
         if not runs_flows:
             return command()
-        from flows.runners import flow_runs_bound_to_this_process
+        from robustdata.flows.runners import flow_runs_bound_to_this_process
 
         with flow_runs_bound_to_this_process():
             return command()
@@ -61,7 +62,7 @@ def run_guarded(command: Callable[[], Any], runs_flows: bool = True) -> Any:
 
 def version_callback(value: bool) -> None:
     if value:
-        console.print(f"robustdata {robustdata.__version__}")
+        console.print(f"robustdata {__version__}")
         raise typer.Exit()
 
 
@@ -69,7 +70,7 @@ def run() -> None:
     """The console entry point: a `dvc repro` stage started by `robustdata repro` hands its command to
     the warm runner (flows/warm.py says why); anything else runs here."""
     if os.environ.get("ROBUSTDATA_WARM_SOCKET"):
-        from flows.warm import forward
+        from robustdata.flows.warm import forward
 
         code = forward(sys.argv)
         if code is not None:
@@ -102,16 +103,12 @@ def ingest(
         config = load_params(params, ingest={
             "source": source, "out": out, "shard_size": shard_size, "limit": limit, "download": download,
             "image_mode": image_mode, "classes": classes.split(",") if classes else None})
-        from flows.ingest import ingest_flow
+        from robustdata.flows.ingest import ingest_flow
 
         result = ingest_flow(config.ingest)
         print_summary(result)
 
     run_guarded(command)
-
-
-TRAIN_KINDS = {"standard": "train_standard", "robust": "train_robust", "suspect": "train_suspect",
-               "clean": "retrain_clean", "plain": "train_plain"}
 
 
 @app.command()
@@ -141,7 +138,7 @@ def train(
         config = load_params(params, **{section: {
             "data": data, "out": out, "arch": arch, "epochs": epochs, "lr": lr, "batch_size": batch_size,
             "limit": limit, "seed": seed, "device": device, "precision": precision}})
-        from flows.train import train_flow
+        from robustdata.flows.train import train_flow
 
         result = train_flow(getattr(config, section))
         console.print(f"wrote {result['out']}: val accuracy {100 * result['val_accuracy']:.2f}% after "
@@ -165,7 +162,7 @@ def evaluate(
     def command() -> None:
         config = load_params(params, evaluate={"models": model or None, "data": data, "limit": limit,
                                                "out": out, "device": device})
-        from flows.train import evaluate_flow
+        from robustdata.flows.train import evaluate_flow
 
         result = evaluate_flow(config.evaluate)
         console.print(Path(result["out"], "summary.md").read_text(), soft_wrap=True, markup=False)
@@ -206,7 +203,7 @@ def poison(
             poison_params = PoisonParams.model_validate(section)
         except ValidationError as exc:
             raise RobustDataError(f"invalid poison options: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
-        from flows.audit import poison_flow
+        from robustdata.flows.audit import poison_flow
 
         result = poison_flow(poison_params)
         console.print(f"wrote {result['out']}: {result['poisons']} of {result['train_samples']} training images "
@@ -244,7 +241,7 @@ def audit(
         config = load_params(params, audit={"model": model, "data": data, "layer": layer, "eps": eps,
                                             "removal_method": removal_method, "out": out, "report": report,
                                             "workers": workers, "dask": dask, "device": device})
-        from flows.audit import audit_flow
+        from robustdata.flows.audit import audit_flow
 
         result = audit_flow(config.audit)
         print_audit(result)
@@ -265,7 +262,7 @@ def retrain_clean(
 
     def command() -> None:
         config = load_params(params)
-        from flows.audit import retrain_clean_flow
+        from robustdata.flows.audit import retrain_clean_flow
 
         result = retrain_clean_flow(config.retrain_clean, config.audit_eval)
         print_loop(result["rows"])
@@ -285,7 +282,7 @@ def audit_loop(
 
     def command() -> None:
         config = load_params(params)
-        from flows.audit import audit_loop_flow
+        from robustdata.flows.audit import audit_loop_flow
 
         result = audit_loop_flow(config, plant=plant)
         print_audit(result["audit"])
@@ -322,9 +319,6 @@ def print_loop(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-BUILD_KINDS = ("robust", "nonrobust", "rand", "det")
-
-
 @app.command()
 def build(
     kind: str = typer.Option(..., help="robust (D_R) | nonrobust (D_NR) | rand (D_rand) | det (D_det): the "
@@ -357,7 +351,7 @@ def build(
                      "step_size": step_size, "schedule": schedule, "eps": eps, "start": start, "layer": layer,
                      "workers": workers, "dask": dask, "device": device, "seed": seed}
         config = getattr(load_params(params, **{f"build_{kind}": overrides}), f"build_{kind}")
-        from flows.robustify import run_build
+        from robustdata.flows.robustify import run_build
 
         result = run_build(config)
         counts = ", ".join(str(n) for n in result["counts_per_class"])
@@ -377,10 +371,10 @@ def evaluate_built(
     from robustdata.config import load_params
 
     def command() -> None:
-        if kind not in ("original", *BUILD_KINDS):
-            raise RobustDataError(f"unknown --kind {kind!r}; valid: {['original', *BUILD_KINDS]}")
+        if kind not in EVALUATED_KINDS:
+            raise RobustDataError(f"unknown --kind {kind!r}; valid: {list(EVALUATED_KINDS)}")
         config = load_params(params)
-        from flows.robustify import dataset_for, evaluate_built_flow
+        from robustdata.flows.robustify import dataset_for, evaluate_built_flow
 
         data_dir, limit = dataset_for(kind, config)
         result = evaluate_built_flow(kind, data_dir, limit, config.robustify_eval)
@@ -404,7 +398,7 @@ def robustify_report(params: Optional[Path] = typer.Option(None, help="params.ya
 
     def command() -> None:
         config = load_params(params)
-        from flows.robustify import robustify_report_flow
+        from robustdata.flows.robustify import robustify_report_flow
 
         result = robustify_report_flow(config)
         console.print(result["markdown"], markup=False, highlight=False)
@@ -425,7 +419,7 @@ def pipeline(
 
     def command() -> None:
         config = load_params(params, profile=profile)
-        from flows.pipeline import pipeline_flow
+        from robustdata.flows.pipeline import pipeline_flow
 
         result = pipeline_flow(config)
         console.print(f"results page: {result['html']} (and {result['markdown']})")
@@ -443,8 +437,8 @@ def repro(
     import subprocess
 
     def command() -> int:
-        from flows.server import starting_prefect_server
-        from flows.warm import warm_runner
+        from robustdata.flows.server import starting_prefect_server
+        from robustdata.flows.warm import warm_runner
 
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -489,7 +483,7 @@ def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where
 
     def command() -> None:
         config = load_params(params)
-        from tasks.report import index_task
+        from robustdata.tasks.report import index_task
 
         result = index_task.fn(config)
         console.print(f"results page: {result['html']} (sections: {', '.join(result['sections'])})")
@@ -515,7 +509,7 @@ def serve(
         if not PREFECT_API_URL.value():
             raise RobustDataError("PREFECT_API_URL is not set: start a server with `robustdata server` (or use an "
                                   "existing one) and export the URL it prints")
-        from flows.schedule import serve_audit
+        from robustdata.flows.schedule import serve_audit
 
         console.print(f"serving deployment scheduled-audit/{name} ({cron} {timezone}) on {PREFECT_API_URL.value()}")
         serve_audit(name=name, cron=cron, timezone=timezone, params=params.resolve(), profile=profile, plant=plant)

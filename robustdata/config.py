@@ -6,7 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
@@ -142,10 +142,14 @@ class AuditEvalParams(Strict):
 
 
 BuildKind = Literal["robust", "nonrobust", "rand", "det"]
+BUILD_KINDS: tuple[str, ...] = get_args(BuildKind)  # every list of build kinds derives from the type
+INVERSION_KINDS = ("robust", "nonrobust")  # feature inversions; the other kinds are targeted perturbations
+ORIGINAL = "original"  # the untouched training subset D that every D_* is compared with
+EVALUATED_KINDS = (ORIGINAL, *BUILD_KINDS)  # the datasets classifiers are trained on and evaluated
 
 
 class BuildParams(Strict):
-    """One robustified / non-robust-feature dataset (robustdata.robustify; Ilyas et al. 2019)."""
+    """One robustified / non-robust-feature dataset (robustdata.robustify.builders; Ilyas et al. 2019)."""
 
     kind: BuildKind = "robust"
     data: Path = Path("data/mnist")  # source: <data>/train is transformed, <data>/val is copied alongside
@@ -229,6 +233,11 @@ class Params(Strict):
     build_det: BuildParams = build_defaults("det")
     robustify_eval: RobustifyEvalParams = RobustifyEvalParams()
     results: ResultsParams = ResultsParams()
+
+
+# model kind -> its training section (standard -> train_standard, clean -> retrain_clean), from the fields above
+TRAIN_KINDS: dict[str, str] = {name.rsplit("_", 1)[-1]: name for name, field in Params.model_fields.items()
+                               if field.annotation is TrainParams}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

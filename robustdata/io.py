@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import robustdata
+from robustdata.version import __version__
 from robustdata.errors import DataError
 
 _CHUNK = 1 << 20
@@ -105,12 +105,12 @@ def code_version(package_dir: Path | None = None) -> dict[str, str]:
     code that built it changes, which keeps DVC's lock file stable across
     unrelated commits.
     """
-    package_dir = package_dir or Path(robustdata.__file__).parent / "data"
+    package_dir = package_dir or Path(__file__).resolve().parent / "data"
     digest = hashlib.sha256()
     for source in sorted(package_dir.rglob("*.py")):
         digest.update(source.relative_to(package_dir).as_posix().encode())
         digest.update(source.read_bytes())
-    return {"robustdata": robustdata.__version__, "data_code_sha256": digest.hexdigest()}
+    return {"robustdata": __version__, "data_code_sha256": digest.hexdigest()}
 
 
 def read_json(path: str | Path) -> Any:

@@ -14,25 +14,25 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from robustdata.detection.features import extract_features
-from robustdata.detection.metrics import detection_metrics
-from robustdata.detection.run import AuditResult, NonFiniteFeaturesError, run_audit
+from robustdata.audit.features import extract_features
+from robustdata.audit.metrics import detection_metrics
+from robustdata.audit.scoring import AuditResult, NonFiniteFeaturesError, run_audit
 from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory
-from robustdata.derive import module_sha256, write_derived
+from robustdata.data.derived import module_sha256, write_derived
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import atomic_directory, code_version, read_json, write_bytes_atomic, write_json_atomic
-from robustdata.poison import Attack, Trigger, poison, triggered_test_set
-from robustdata.report import audit_markdown, write_audit_report
-from robustdata.train import generator_for, load_checkpoint, predict, resolve_device
-from tasks.train import MODEL_FILE
+from robustdata.audit.poisoners import Attack, Trigger, poison, triggered_test_set
+from robustdata.report.documents import audit_markdown, write_audit_report
+from robustdata.train.training import generator_for, load_checkpoint, predict, resolve_device
+from robustdata.tasks.train import MODEL_FILE
 
-POISON_MODULES = ("poison.py", "derive.py")
+POISON_MODULES = ("audit/poisoners.py", "data/derived.py")
 # where and how the work runs, not what it computes: left out of the filtered set's card
 EXECUTION_ONLY = {"workers", "dask"}
-AUDIT_MODULES = ("detection/features.py", "detection/spectral.py", "detection/spectre.py", "detection/clustering.py",
-                 "detection/filtering.py", "detection/run.py", "derive.py")
+AUDIT_MODULES = ("audit/features.py", "audit/spectral.py", "audit/spectre.py", "audit/clustering.py",
+                 "audit/filtering.py", "audit/scoring.py", "data/derived.py")
 
 
 # --------------------------------------------------------------------------------------------- poison

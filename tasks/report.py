@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from robustdata.config import Params
 from robustdata.errors import DataError
-from robustdata.results_page import write_results_page
+from robustdata.report.results_page import write_results_page
 
 
 def metrics_files(params: Params) -> dict[str, Path]:

@@ -11,23 +11,23 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from robustdata.builds import BuildPlan, finish, prepare, shard_seed, write_built_shard
-from robustdata.config import BuildParams, RobustifyEvalParams
+from robustdata.robustify.sharded import BuildPlan, finish, prepare, shard_seed, write_built_shard
+from robustdata.config import INVERSION_KINDS, ORIGINAL, BuildParams, RobustifyEvalParams
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory
 from robustdata.data.shards import Sample, quantize
-from robustdata.derive import module_sha256
+from robustdata.data.derived import module_sha256
 from robustdata.errors import DataError, RobustDataError
 from robustdata.io import atomic_directory, code_version, read_json, sha256_file, write_json_atomic
-from robustdata.report import render_markdown
-from robustdata.robustify import INVERSION_KINDS, StepConfig, build_batch, input_gradients
-from robustdata.robustify_report import (KIND_NAMES, document, gate_metrics, image_rows_figure, saliency_figure,
+from robustdata.report.documents import render_markdown
+from robustdata.robustify.builders import StepConfig, build_batch, input_gradients
+from robustdata.report.robustify import (KIND_NAMES, document, gate_metrics, image_rows_figure, saliency_figure,
                                          write_report)
-from robustdata.train import (evaluate_model, fit, generator_for, load_checkpoint, resolve_device, save_checkpoint,
+from robustdata.train.training import (evaluate_model, fit, generator_for, load_checkpoint, resolve_device, save_checkpoint,
                               subset)
-from tasks.train import MODEL_FILE
+from robustdata.tasks.train import MODEL_FILE
 
-BUILD_MODULES = ("robustify.py", "attacks.py", "models.py", "builds.py")
+BUILD_MODULES = ("robustify/builders.py", "train/attacks.py", "train/models.py", "robustify/sharded.py")
 
 
 def step_config(params: BuildParams) -> StepConfig:
@@ -159,7 +159,6 @@ def finish_build_task(params: BuildParams) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ train and evaluate on D_*
 
-ORIGINAL = "original"  # the untouched training subset D, the baseline every D_* is compared with
 FRAGILE_KINDS = ("nonrobust", "rand", "det")  # retraining on these is fragile: sweep the learning rate
 
 

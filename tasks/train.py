@@ -13,8 +13,8 @@ from robustdata.config import EvaluateParams, TrainParams
 from robustdata.data.manifest import open_dataset
 from robustdata.data.memory import load_in_memory
 from robustdata.io import atomic_directory, code_version, write_bytes_atomic, write_json_atomic
-from robustdata.report import evaluation_markdown
-from robustdata.train import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint, work_dir
+from robustdata.report.documents import evaluation_markdown
+from robustdata.train.training import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint, work_dir
 
 MODEL_FILE = "model.pt"
 

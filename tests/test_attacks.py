@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from robustdata.attacks import L2, Linf, PGDConfig, evaluating, fgsm_rs, pgd, pgd_attack, threat_model
+from robustdata.train.attacks import L2, Linf, PGDConfig, evaluating, fgsm_rs, pgd, pgd_attack, threat_model
 from robustdata.errors import RobustDataError
-from robustdata.models import SmallCNN, build_model, representation
+from robustdata.train.models import SmallCNN, build_model, representation
 
 
 def planted_model_and_data(n=64, seed=0):

@@ -29,13 +29,13 @@ import numpy as np
 import pytest
 import torch
 
-from robustdata.detection.clustering import activation_clustering, two_means
-from robustdata.detection.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
+from robustdata.audit.clustering import activation_clustering, two_means
+from robustdata.audit.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
                                             poisoned_classes, split_1d)
-from robustdata.detection.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
-from robustdata.detection.run import METHODS, AuditResult, run_audit
-from robustdata.detection.spectral import class_pca, spectral_signature_scores, top_principal
-from robustdata.detection.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
+from robustdata.audit.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
+from robustdata.audit.scoring import METHODS, AuditResult, run_audit
+from robustdata.audit.spectral import class_pca, spectral_signature_scores, top_principal
+from robustdata.audit.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
 from robustdata.errors import RobustDataError
 
 NUM_CLASSES, PER_CLASS, DIM, INPUT_DIM = 4, 1000, 64, 32
@@ -192,7 +192,7 @@ def test_filter_fills_the_budget_beyond_its_suspects_uniformly_not_by_score():
     """At 30% poisons the budget (45% of the class) exceeds the poisons by 150 samples. The filter removes
     every poison and the clean side's outliers by score, then draws the rest uniformly: the drawn samples'
     scores are spread like the class's typical samples, not its top slab (which would cut one mode out)."""
-    from robustdata.detection.run import SUSPICIOUS_Z
+    from robustdata.audit.scoring import SUSPICIOUS_Z
 
     data = planted(0.30, STRONG_SHIFT)
     result = audited(0.30, STRONG_SHIFT, eps_scope="poisoned")

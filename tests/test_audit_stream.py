@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustdata.detection.features import extract_features
-from robustdata.detection.metrics import confusion
-from robustdata.detection.run import run_audit
-from robustdata.detection.stream import STREAM_METHODS, TensorBatches, _Moments, stream_audit
+from robustdata.audit.features import extract_features
+from robustdata.audit.metrics import confusion
+from robustdata.audit.scoring import run_audit
+from robustdata.audit.streaming import STREAM_METHODS, TensorBatches, _Moments, stream_audit
 from robustdata.errors import RobustDataError
-from robustdata.models import SmallCNN, representation
+from robustdata.train.models import SmallCNN, representation
 from test_audit import INPUT_DIM, NUM_CLASSES, SHIFT, STRONG_SHIFT, planted
 from test_audit import one_torch_thread, prefect_server  # noqa: F401  (fixtures: one thread, no Prefect)
 

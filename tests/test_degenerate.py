@@ -18,15 +18,15 @@ import math
 import pytest
 import torch
 
-import robustdata.detection.run as audit_run
-from robustdata.detection.features import extract_features
-from robustdata.detection.metrics import confusion
-from robustdata.detection.run import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
+import robustdata.audit.scoring as audit_run
+from robustdata.audit.features import extract_features
+from robustdata.audit.metrics import confusion
+from robustdata.audit.scoring import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
                                       AuditResult, min_samples, run_audit)
-from robustdata.detection.stream import STREAM_METHODS, TensorBatches, stream_audit
+from robustdata.audit.streaming import STREAM_METHODS, TensorBatches, stream_audit
 from robustdata.errors import DataError, RobustDataError
-from robustdata.models import SmallCNN
-from robustdata.report import audit_markdown
+from robustdata.train.models import SmallCNN
+from robustdata.report.documents import audit_markdown
 from test_audit import INPUT_DIM, NUM_CLASSES, POISON_CLASS, STRONG_SHIFT, planted
 from test_audit import one_torch_thread, prefect_server  # noqa: F401  (fixtures: one thread, no Prefect)
 from test_audit_stream import FEATURE_SCALE, PICK
@@ -209,7 +209,7 @@ def test_a_model_that_outputs_nan_is_named_as_such():
 
 
 def test_the_audit_task_names_the_model_the_data_and_the_keys():
-    from tasks.audit import non_finite_features_error
+    from robustdata.tasks.audit import non_finite_features_error
 
     error = NonFiniteFeaturesError(2, 5, {0: 1, 3: 1}, [1, 4])
     converted = non_finite_features_error(error, model="models/suspect", data="data/poisoned/train",
@@ -224,7 +224,7 @@ def test_no_non_finite_score_reaches_the_scores_table():
     import pyarrow as pa
 
     from robustdata.data.memory import InMemoryDataset
-    from tasks.audit import scores_table
+    from robustdata.tasks.audit import scores_table
 
     labels = torch.tensor([0, 0, 1])
     data = InMemoryDataset(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), labels, ["a", "b", "c"], ["x", "y"])

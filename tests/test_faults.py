@@ -19,13 +19,13 @@ import torch
 import yaml
 from conftest import tree_digest
 
-import robustdata.train as training
+import robustdata.train.training as training
 from robustdata.config import AdversarialParams, PoisonParams, TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
 from robustdata.io import read_json, write_bytes_atomic
-from robustdata.train import RESUME_FILE, fit, load_resume_state, work_dir
+from robustdata.train.training import RESUME_FILE, fit, load_resume_state, work_dir
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +196,8 @@ def test_train_killed_mid_run_resumes_to_the_same_model(mnist, prefect_server, t
 
 
 def test_audit_killed_mid_run_leaves_no_half_written_output(mnist, prefect_server, tmp_path):
-    from flows.audit import poison_flow
-    from flows.train import train_flow
+    from robustdata.flows.audit import poison_flow
+    from robustdata.flows.train import train_flow
 
     poison_flow(PoisonParams(data=mnist, out=tmp_path / "poisoned", count=30, rate=None, target=0))
     train_flow(TrainParams(data=tmp_path / "poisoned", out=tmp_path / "suspect", epochs=2, batch_size=64,

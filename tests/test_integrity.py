@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from robustdata.errors import IntegrityError
-from robustdata.train import load_checkpoint, save_checkpoint, seeded_model
-from tasks.audit import check_audited
+from robustdata.train.training import load_checkpoint, save_checkpoint, seeded_model
+from robustdata.tasks.audit import check_audited
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from robustdata.errors import RobustDataError
-from robustdata.poison import Attack, Trigger, apply_trigger, choose_poisons, poison, triggered_test_set
+from robustdata.audit.poisoners import Attack, Trigger, apply_trigger, choose_poisons, poison, triggered_test_set
 
 HEIGHT, WIDTH, CHANNELS = 10, 12, 3
 NUM_CLASSES = 4

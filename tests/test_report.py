@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import robustdata.report
+import robustdata.report.documents
 from conftest import tree_digest
 from robustdata.errors import RobustDataError
-from robustdata.report import audit_markdown, write_audit_report
+from robustdata.report.documents import audit_markdown, write_audit_report
 
 NAMES = ["airplane", "cat", "dog"]
 SIZES = [60, 80, 60]  # samples per class; the 20 poisons sit in class 1
@@ -196,7 +196,7 @@ def test_a_failed_figure_leaves_no_report(tmp_path, monkeypatch):
         raise RuntimeError("plot failed")
 
     summary, scores, images = planted()
-    monkeypatch.setattr(robustdata.report, "_suspicious_figure", broken)
+    monkeypatch.setattr(robustdata.report.documents, "_suspicious_figure", broken)
     with pytest.raises(RuntimeError, match="plot failed"):
         write_audit_report(tmp_path, summary, scores, images)
     assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.html").exists()

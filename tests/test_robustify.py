@@ -14,20 +14,20 @@ import pytest
 import torch
 import yaml
 
-from robustdata.attacks import per_sample_norm
-from robustdata.builds import BuildPlan, finish, prepare, shard_seed, write_built_shard
+from robustdata.train.attacks import per_sample_norm
+from robustdata.robustify.sharded import BuildPlan, finish, prepare, shard_seed, write_built_shard
 from robustdata.config import BuildParams, TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.manifest import open_dataset, read_manifest
 from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
 from robustdata.errors import RobustDataError
-from robustdata.models import representation
-from robustdata.robustify import (StepConfig, average_pool_gradients, build_batch, frozen, input_gradients,
+from robustdata.train.models import representation
+from robustdata.robustify.builders import (StepConfig, average_pool_gradients, build_batch, frozen, input_gradients,
                                   invert_representation, other_indices, relative_distance, smooth_relu_gradients,
                                   target_labels, targeted_perturbation)
-from robustdata.train import predict, save_checkpoint, seeded_model, train_model
-from tasks.robustify import step_config
+from robustdata.train.training import predict, save_checkpoint, seeded_model, train_model
+from robustdata.tasks.robustify import step_config
 from conftest import markdown_rows, random_samples, tree_digest
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from flows.server import prefect_server, stop_process_group
+from robustdata.flows.server import prefect_server, stop_process_group
 
 BIN = Path(sys.executable).parent
 

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from robustdata.attacks import Linf, PGDConfig, fgsm_rs
+from robustdata.train.attacks import Linf, PGDConfig, fgsm_rs
 from robustdata.config import TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.memory import load_in_memory
 from robustdata.data.sources import MnistMirror
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import sha256_file
-from robustdata.train import (
+from robustdata.train.training import (
     accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model,
     train_model,
 )
@@ -85,7 +85,7 @@ def test_train_and_evaluate_flows_write_consistent_reports(tmp_path):
     """The Prefect flows end to end on a small MNIST ingest; the markdown holds the JSON's numbers."""
     import json
 
-    from flows.train import evaluate_flow, train_flow
+    from robustdata.flows.train import evaluate_flow, train_flow
     from robustdata.config import AdversarialParams, AttackParams, EvaluateParams, TrainParams
     from robustdata.data.sources import MnistMirror
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_digest
-from flows.warm import SOCKET_ENV, warm_runner
+from robustdata.flows.warm import SOCKET_ENV, warm_runner
 
 ROBUSTDATA = Path(sys.executable).parent / "robustdata"
 
@@ -153,7 +153,7 @@ def test_what_a_command_changes_of_the_process_is_put_back(tmp_path, monkeypatch
     import random
     import numpy
     import torch
-    from flows.warm import ProcessState
+    from robustdata.flows.warm import ProcessState
 
     def snapshot():
         return (os.getcwd(), dict(os.environ), list(sys.argv), torch.get_num_threads(), torch.rand(3).tolist(),

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from robustdata.detection.clustering import DIMS as CLUSTER_DIMS, two_means
-from robustdata.detection.spectre import robust_moments, whiten
+from robustdata.audit.clustering import DIMS as CLUSTER_DIMS, two_means
+from robustdata.audit.spectre import robust_moments, whiten
 
 KAPPA = 6.0          # robust z of the class separation statistic that marks a class as poisoned
 PROBE_EPS = 0.05     # the robust whitening may drop up to 2 * PROBE_EPS of a class

@@ -12,7 +12,7 @@
   t, random (t != y) for D_rand, t = (y + 1) mod C for D_det; the result is
   relabelled t. To a person it still shows y.
 
-Both reuse `robustdata.attacks.pgd`, the loop that attacks and adversarial
+Both reuse `robustdata.train.attacks.pgd`, the loop that attacks and adversarial
 training use, with a pluggable objective. Pure compute: tensors in, tensors
 out, on the device of the model; randomness from explicit generators.
 """
@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdata.attacks import L2, PGDConfig, evaluating, pgd
+from robustdata.config import BUILD_KINDS, INVERSION_KINDS
 from robustdata.errors import RobustDataError
-from robustdata.models import representation
+from robustdata.train.attacks import L2, PGDConfig, evaluating, pgd
+from robustdata.train.models import representation
 
-KINDS = ("robust", "nonrobust", "rand", "det")
-INVERSION_KINDS = ("robust", "nonrobust")
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class StepConfig:
 
     steps: int
     step_size: float
-    schedule: str = "constant"  # constant | linear | cosine (robustdata.attacks.STEP_SCHEDULES)
+    schedule: str = "constant"  # constant | linear | cosine (robustdata.train.attacks.STEP_SCHEDULES)
     eps: float = math.inf       # L2 radius around the starting image; inf: unbounded (D_R)
     precision: str = "fp32"     # fp32 | bf16: autocast of the optimisation steps (final measures are fp32)
     relu_grad_beta: float | None = None  # descend along sigmoid(beta z)-smoothed ReLU gradients (see below)
@@ -276,8 +275,8 @@ def build_batch(kind: str, model: nn.Module, index: torch.Tensor, images: torch.
 
     The generator draws the start images (robust, nonrobust) or target labels (rand); nothing else is random.
     """
-    if kind not in KINDS:
-        raise RobustDataError(f"unknown dataset kind {kind!r}; valid: {list(KINDS)}")
+    if kind not in BUILD_KINDS:
+        raise RobustDataError(f"unknown dataset kind {kind!r}; valid: {list(BUILD_KINDS)}")
     device = next(model.parameters()).device
     x = images[index].to(device).float().div_(255.0)
     y = labels[index].to(device)

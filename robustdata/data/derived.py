@@ -29,7 +29,7 @@ SHARD_SIZE = 10000
 
 def module_sha256(*modules: str) -> dict[str, str]:
     """sha256 of the library modules (paths relative to robustdata/) that built an artifact."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
     return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in modules}
 
 

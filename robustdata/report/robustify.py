@@ -1,6 +1,6 @@
 """The robustification report: the Ilyas et al. table, image grids and saliency maps.
 
-Same conventions as robustdata.report: matplotlib's object API (headless, thread
+Same conventions as robustdata.report.documents: matplotlib's object API (headless, thread
 safe), figures first and the documents last, every file atomic, same inputs
 give the same bytes.
 """
@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from robustdata.io import write_bytes_atomic, write_json_atomic
-from robustdata.report import DocImage, DocTable, render_html, render_markdown, write_png
+from robustdata.report.documents import DocImage, DocTable, render_html, render_markdown, write_png
 
 FIGURES_DIR = "figures"
 PLOTS_DIR = "plots"  # DVC plots data: robust accuracy against eps, one file per threat model

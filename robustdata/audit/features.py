@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from robustdata.attacks import evaluating
-from robustdata.models import representation
+from robustdata.train.attacks import evaluating
+from robustdata.train.models import representation
 
 
 @torch.no_grad()

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustdata.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
+from robustdata.train.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
 from robustdata.config import AdversarialParams, AttackParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import dumps_json, read_json, sha256_bytes, write_bytes_atomic, write_json_atomic
-from robustdata.models import build_model
+from robustdata.train.models import build_model
 
 # adversary(model, x, y) -> x_adv, called in train mode
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

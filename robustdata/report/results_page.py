@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from robustdata.io import write_bytes_atomic
-from robustdata.report import DocImage, DocTable, render_html, render_markdown
-from robustdata.robustify_report import KIND_NAMES, KIND_ORDER, pm
+from robustdata.report.documents import DocImage, DocTable, render_html, render_markdown
+from robustdata.report.robustify import KIND_NAMES, KIND_ORDER, pm
 
 MISSING = "-"
 

@@ -51,11 +51,11 @@ from typing import Any, Callable
 
 import torch
 
-from robustdata.detection.clustering import DIMS as CLUSTER_DIMS, activation_clustering
-from robustdata.detection.filtering import (KAPPA, best_split, nearest_other_class_distance, oriented_scores,
+from robustdata.audit.clustering import DIMS as CLUSTER_DIMS, activation_clustering
+from robustdata.audit.filtering import (KAPPA, best_split, nearest_other_class_distance, oriented_scores,
                                             poison_side, poisoned_classes)
-from robustdata.detection.spectral import ClassPCA, class_pca, spectral_signature_scores
-from robustdata.detection.spectre import spectre_scores
+from robustdata.audit.spectral import ClassPCA, class_pca, spectral_signature_scores
+from robustdata.audit.spectre import spectre_scores
 from robustdata.errors import RobustDataError
 
 METHODS = ("filter", "spectre", "spectral", "clustering")

@@ -49,13 +49,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from robustdata.attacks import evaluating
-from robustdata.detection.filtering import KAPPA, nearest_other_centroid
-from robustdata.detection.run import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
+from robustdata.train.attacks import evaluating
+from robustdata.audit.filtering import KAPPA, nearest_other_centroid
+from robustdata.audit.scoring import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
                                       min_samples, pca_rank, size_status)
-from robustdata.detection.spectral import ClassPCA
+from robustdata.audit.spectral import ClassPCA
 from robustdata.errors import RobustDataError
-from robustdata.models import representation
+from robustdata.train.models import representation
 
 STREAM_METHODS = ("filter", "spectral", "clustering")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]

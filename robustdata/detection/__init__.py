@@ -1,1 +1,0 @@
-"""Backdoor-poison audit over a trained model's representations (DESIGN.md section 4)."""

@@ -1,0 +1,1 @@
+"""Reports: markdown/HTML documents, headless plots, the audit, robustify and results pages."""
