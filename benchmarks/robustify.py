@@ -45,11 +45,11 @@ from rich.table import Table  # noqa: E402
 from robustdata.config import BuildParams, Params, load_params  # noqa: E402
 from robustdata.data.memory import load_in_memory  # noqa: E402
 from robustdata.io import code_version, read_json, write_json_atomic  # noqa: E402
-from robustdata.train.models import representation  # noqa: E402
-from robustdata.robustify.builders import (StepConfig, autocast_steps, average_pool_gradients, frozen,  # noqa: E402
+from robustdata.train.models import autocast, representation  # noqa: E402
+from robustdata.robustify.builders import (StepConfig, average_pool_gradients, frozen,  # noqa: E402
                                   invert_representation)
 from robustdata.train.training import load_checkpoint, resolve_device  # noqa: E402
-from robustdata.tasks.robustify import step_config  # noqa: E402
+from robustdata.robustify.recipe import step_config  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=200)
@@ -68,7 +68,7 @@ def raw_forward_backward(model, x: torch.Tensor, layer: str, steps: int, precisi
         sync(x.device)
         start = time.perf_counter()
         for _ in range(steps):
-            with autocast_steps(x.device, precision):
+            with autocast(x.device, precision):
                 out = representation(model, x, layer).float().square().sum()
             (grad,) = torch.autograd.grad(out, x)
         sync(x.device)

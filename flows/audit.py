@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from prefect import flow, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 from robustdata.flows.runners import task_runner_for
+from robustdata.flows.stages import load_pipeline, run_stages
 from robustdata.config import AuditEvalParams, AuditParams, Params, PoisonParams, TrainParams
 from robustdata.data.manifest import open_dataset
-from robustdata.tasks.audit import audit_eval_task, audit_task, chunk_features_task, feature_chunks, poison_task
+from robustdata.audit.features import feature_chunks
+from robustdata.tasks.audit import audit_eval_task, audit_task, chunk_features_task, poison_task
 from robustdata.tasks.train import train_task
 
 
@@ -55,7 +57,7 @@ def audit_flow(params: AuditParams) -> dict[str, Any]:
     else:
         features, seconds = distributed_features(params)
         result = audit_task(params, features=features, feature_seconds=seconds)
-    create_markdown_artifact(result["markdown"], key="audit-report", description="backdoor poison audit")
+    create_table_artifact([result["metrics"]], key="audit-report", description="backdoor poison audit: gate metrics")
     create_table_artifact(class_rows(result["classes"]), key="audit-classes", description="per-class audit decisions")
     return result
 
@@ -65,16 +67,15 @@ def retrain_clean_flow(train: TrainParams, evaluation: AuditEvalParams) -> dict[
     """Retrain on the filtered set, then compare clean accuracy and ASR before and after."""
     trained = train_task(train)
     result = audit_eval_task(evaluation)
-    create_markdown_artifact(result["markdown"], key="audit-loop", description="audit before/after retraining")
     create_table_artifact(result["rows"], key="audit-before-after", description="clean accuracy and ASR")
     return {**result, "train": trained}
 
 
 @flow(name="audit-loop")
 def audit_loop_flow(params: Params, plant: bool = False) -> dict[str, Any]:
-    """The whole loop: [plant poisons ->] train on the suspect set -> audit -> retrain -> before/after."""
-    planted = poison_task(params.poison) if plant else None
-    train_task(params.train_suspect)
-    audit = audit_flow(params.audit)
-    loop = retrain_clean_flow(params.retrain_clean, params.audit_eval)
-    return {"planted": planted, "audit": audit, "loop": loop}
+    """The whole loop: dvc.yaml's stages from `poison` to `retrain_clean` in `dvc repro`'s order ([plant
+    poisons ->] train on the suspect set -> audit -> retrain -> before/after); `poison` only with `plant`."""
+    stages = [stage for stage in load_pipeline().between("poison", "retrain_clean")
+              if plant or stage.name != "poison"]
+    results = run_stages(stages, params)
+    return {"planted": results.get("poison"), "audit": results["audit"], "loop": results["retrain_clean"]}

@@ -1,8 +1,6 @@
-"""The whole pipeline as one Prefect flow: the same steps, in the same order, as `dvc repro` of dvc.yaml.
-
-ingest -> poison (planted canaries) -> train the suspect model -> audit -> retrain on the filtered set
--> train the standard, plain and robust models -> evaluate them -> build D_R, D_NR, D_rand, D_det
--> train standard classifiers on D and each D_* -> evaluate -> report -> the results page.
+"""The whole pipeline as one Prefect flow: every stage of dvc.yaml, in the order `dvc repro` runs them
+(flows/stages.py reads both from dvc.yaml), each as the flow or task its command runs, all in this process;
+it ends with the results page (reports/index.html).
 """
 
 from __future__ import annotations
@@ -11,30 +9,15 @@ from typing import Any
 
 from prefect import flow
 
-from robustdata.flows.audit import audit_flow, retrain_clean_flow
-from robustdata.flows.ingest import ingest_flow
-from robustdata.flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
-from robustdata.flows.train import evaluate_flow
-from robustdata.config import BUILD_KINDS, EVALUATED_KINDS, Params
-from robustdata.tasks.audit import poison_task
-from robustdata.tasks.report import index_task
-from robustdata.tasks.train import train_task
+from robustdata.config import Params
+from robustdata.flows.stages import load_pipeline, run_stages
+
+RESULTS = "results"  # the dvc.yaml stage that writes the results page, whose paths the flow returns
 
 
 @flow(name="pipeline")
 def pipeline_flow(params: Params) -> dict[str, Any]:
     """Everything, on the embedded default data unless params say otherwise; ends with reports/index.html."""
-    ingest_flow(params.ingest)
-    poison_task(params.poison)
-    train_task(params.train_suspect)
-    audit_flow(params.audit)
-    retrain_clean_flow(params.retrain_clean, params.audit_eval)
-    for section in (params.train_standard, params.train_plain, params.train_robust):
-        train_task(section)
-    evaluate_flow(params.evaluate)
-    for kind in BUILD_KINDS:
-        run_build(getattr(params, f"build_{kind}"))
-    for kind in EVALUATED_KINDS:
-        evaluate_built_flow(kind, *dataset_for(kind, params), params.robustify_eval)
-    robustify_report_flow(params)
-    return index_task(params)
+    pipeline = load_pipeline()
+    pipeline.stage(RESULTS)  # checked before any stage runs
+    return run_stages(pipeline.order(), params)[RESULTS]

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 
 from robustdata.flows.runners import task_runner_for
 from robustdata.config import BuildParams, Params, RobustifyEvalParams
-from robustdata.config import ORIGINAL
+from robustdata.report.robustify import metric_rows, run_rows
 from robustdata.tasks.robustify import (build_shard_task, evaluate_on_task, finish_build_task, plan_build_task,
                              robustify_report_task, train_on_task, write_kind_results)
 
@@ -32,28 +32,19 @@ def build_flow(params: BuildParams) -> dict[str, Any]:
         shards = [future.result() for future in futures]
     finished = finish_build_task(params)
     rates = [s["image_steps_per_second"] for s in shards]
-    lines = [f"# build {params.kind}", "",
-             f"- {finished['num_samples']} samples in {planned['num_shards']} shards "
-             f"({len(shards)} built now, {planned['num_shards'] - len(shards)} resumed from an earlier run)",
-             f"- {params.steps} steps of {params.step_size} ({params.schedule}), layer {params.layer}, "
-             f"eps {params.eps}, model {params.model}"]
-    if rates:
-        lines.append(f"- throughput {sum(rates) / len(rates):,.0f} image-steps/s per shard")
-    create_markdown_artifact("\n".join(lines), key=f"build-{params.kind}", description=f"build {params.kind}")
+    create_table_artifact([{
+        "kind": params.kind, "samples": finished["num_samples"], "shards": planned["num_shards"],
+        "shards_built_now": len(shards), "shards_resumed": planned["num_shards"] - len(shards),
+        "steps": params.steps, "step_size": params.step_size, "schedule": params.schedule, "layer": params.layer,
+        "eps": params.eps, "model": str(params.model),
+        "image_steps_per_second_per_shard": sum(rates) / len(rates) if rates else None}],
+        key=f"build-{params.kind}", description=f"build {params.kind}")
     return {**finished, "shards_built": len(shards), "num_shards": planned["num_shards"], "shards": shards}
 
 
 def run_build(params: BuildParams) -> dict[str, Any]:
     """The build flow on the task runner `params` ask for."""
     return build_flow.with_options(task_runner=task_runner_for(params.dask, params.workers))(params)
-
-
-def dataset_for(kind: str, params: Params) -> tuple[Path, int | None]:
-    """(data directory with train/ and val/, images used) of a kind: D is the original training set cut to
-    the size of the builds, so every classifier sees the same number of images."""
-    if kind == ORIGINAL:
-        return params.build_robust.data, params.build_robust.limit
-    return getattr(params, f"build_{kind}").out, None
 
 
 @flow(name="evaluate-built")
@@ -65,12 +56,7 @@ def evaluate_built_flow(kind: str, data: Path, limit: int | None, params: Robust
         trained = train_on_task(kind, data, limit, params, seed)
         runs.append(evaluate_on_task(trained, params))
     path = write_kind_results(kind, data, runs, params)
-    lines = [f"# trained on {kind}", "", "| seed | lr | clean | " + " | ".join(runs[0]["robust"]) + " |",
-             "|" + "---|" * (3 + len(runs[0]["robust"]))]
-    for r in runs:
-        lines.append(f"| {r['seed']} | {r['lr']:g} | {100 * r['clean_accuracy']:.2f}% | "
-                     + " | ".join(f"{100 * v:.2f}%" for v in r["robust"].values()) + " |")
-    create_markdown_artifact("\n".join(lines), key=f"evaluate-{kind}", description=f"classifiers trained on {kind}")
+    create_table_artifact(run_rows(runs), key=f"evaluate-{kind}", description=f"classifiers trained on {kind}")
     return {"out": str(path), "runs": [{k: v for k, v in r.items() if k != "details"} for r in runs]}
 
 
@@ -80,5 +66,6 @@ def robustify_report_flow(params: Params) -> dict[str, Any]:
     builds = {kind: getattr(params, f"build_{kind}") for kind in ("robust", "nonrobust", "rand", "det")}
     result = robustify_report_task(builds, params.robustify_eval, params.build_robust.data,
                                    params.build_robust.model, params.build_nonrobust.model)
-    create_markdown_artifact(result["markdown"], key="robustify-report", description="Ilyas et al. experiment")
+    create_table_artifact(metric_rows(result["metrics"]), key="robustify-report",
+                          description="Ilyas et al. experiment: mean accuracy per dataset")
     return result

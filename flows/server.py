@@ -1,23 +1,20 @@
-"""A Prefect server for the length of a command: one server for every stage of a `dvc repro`, instead of
-each stage's flow starting (and waiting ~12 s for) a temporary one of its own."""
+"""One Prefect server for the length of a command: `robustdata repro` shares it with every stage of its
+`dvc repro`, instead of each stage's flow starting (and waiting ~12 s for) a temporary server of its own.
+
+The server is the one Prefect itself starts for a flow run that has no API: prefect.server.api.server's
+SubprocessASGIServer (uvicorn serving Prefect's app, with the services a temporary server runs), here on
+a free loopback port and stopped when the block ends. Schedules need a full server (`robustdata server`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-from typing import Callable, Iterator
-from urllib.error import URLError
-from urllib.request import urlopen
+from typing import Iterator
 
 from robustdata.errors import RobustDataError
 
-START_TIMEOUT_S = 180
+START_TIMEOUT_S = 180  # a busy 2-core machine has taken over a minute; Prefect's own default is 20 s
 
 
 def free_port() -> int:
@@ -26,70 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prefect_executable() -> str:
-    beside = Path(sys.executable).parent / "prefect"
-    return str(beside) if beside.exists() else "prefect"
-
-
-def healthy(api_url: str) -> bool:
-    try:
-        with urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except (URLError, OSError):
-        return False
-
-
-def stop_process_group(process: subprocess.Popen, sig: int, timeout: float = 30) -> None:
-    """Send `sig` to the process's group (it was started with start_new_session); SIGKILL after `timeout`."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, sig)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @contextlib.contextmanager
-def prefect_server(log: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yield the API URL of a Prefect server: PREFECT_API_URL when one is set, else a fresh
-    `prefect server start` on a free loopback port, stopped (with its process group) on exit."""
-    with starting_prefect_server(log, env) as (url, wait_until_healthy):
-        wait_until_healthy()
-        yield url
+def prefect_server() -> Iterator[str]:
+    """Yield the API URL of a Prefect server: the configured one (PREFECT_API_URL, from the environment or
+    a Prefect profile) when set, else a temporary server on a free loopback port, stopped on exit."""
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
 
-
-@contextlib.contextmanager
-def starting_prefect_server(log: Path | None = None, env: dict[str, str] | None = None
-                            ) -> Iterator[tuple[str, Callable[[], None]]]:
-    """prefect_server, yielding as soon as the server is started: its URL, and a function that waits until
-    it answers. A server takes about 3 s to answer; the caller can start other things meanwhile."""
-    env = dict(os.environ if env is None else env)
-    if env.get("PREFECT_API_URL"):
-        yield env["PREFECT_API_URL"], lambda: None
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
         return
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("PREFECT_UI_ENABLED", "false")
-    output = open(log, "w") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_until_healthy() -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not healthy(url):
-            if process.poll() is not None:
-                raise RobustDataError(f"the Prefect server exited with {process.returncode} before it was healthy"
-                                      + (f"; see {log}" if log else ""))
-            if time.monotonic() > deadline:
-                raise RobustDataError(f"the Prefect server did not answer on {url} within {START_TIMEOUT_S} s")
-            time.sleep(0.1)
-
+    # a port of our own: SubprocessASGIServer() with none is the process's default, which flow calls share
+    server = SubprocessASGIServer(port=free_port())
     try:
-        yield url, wait_until_healthy
+        try:
+            server.start(timeout=START_TIMEOUT_S)
+        except (RuntimeError, httpx.HTTPError) as exc:  # it exited, never answered, or answered with an error
+            raise RobustDataError(f"the Prefect server did not start: {exc}") from exc
+        yield server.api_url
     finally:
-        stop_process_group(process, signal.SIGTERM)
-        if log is not None:
-            output.close()
+        server.stop()  # also after a failed start, and when an exception or a stop signal unwinds the block

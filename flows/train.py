@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 
 from robustdata.config import EvaluateParams, TrainParams
-from robustdata.report.documents import evaluation_markdown
+from robustdata.report.evaluation import evaluation_rows
 from robustdata.tasks.train import evaluate_task, train_task, write_evaluation
 
 
@@ -23,5 +23,5 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
     """Evaluate each model: clean and robust accuracy; JSON + markdown under params.out."""
     results = [evaluate_task(params, model_dir) for model_dir in params.models]
     write_evaluation(params.out, results)
-    create_markdown_artifact(evaluation_markdown(results), key="evaluation", description="clean and robust accuracy")
+    create_table_artifact(evaluation_rows(results), key="evaluation", description="clean and robust accuracy")
     return {"out": str(params.out), "results": results}

@@ -7,6 +7,10 @@ free. Until it has adapted, every step pays fresh page faults and munmap calls: 
 a fresh process took 36-41 s, against 29-30 s for the same run later in the same process (measured
 with the quick profile's train_standard). Since each DVC stage is a fresh process, the whole pipeline
 paid that warm-up once per stage. Fixed thresholds remove it from the first step on.
+
+The entry points set them, once per process: the `robustdata` command (robustdata.cli.run) before it
+parses its arguments, and the Python API (robustdata.api) when it is imported. Importing the library
+alone leaves the process's allocator as it found it: a program that embeds it decides for itself.
 """
 
 from __future__ import annotations

@@ -24,11 +24,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from robustdata.allocator import keep_freed_memory
 from robustdata.config import (BUILD_KINDS, TRAIN_KINDS, AuditParams, EvaluateParams, IngestParams, Params, PoisonParams,
                                TrainParams, build_defaults, load_params, validation_problems)
 from robustdata.errors import RobustDataError
 
 __all__ = ["audit", "build", "evaluate", "fit", "ingest", "load_params", "pipeline", "plant_poisons"]
+
+keep_freed_memory()  # an entry point: this process trains with fixed malloc thresholds (robustdata/allocator.py)
 
 Section = TypeVar("Section", bound=BaseModel)
 

@@ -1,21 +1,31 @@
-"""`robustdata` command line. Commands run Prefect flows; errors in the input
-print one line naming the file and key and exit non-zero."""
+"""`robustdata` command line. Commands run Prefect flows; errors in the input print one line naming the
+file and key and exit non-zero, before any flow starts. SIGTERM and SIGINT stop a command with the
+processes it started (the temporary Prefect server of a flow run, `dvc repro` and its stage)."""
 
 from __future__ import annotations
 
+import atexit
+import glob
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from robustdata.version import __version__
-from robustdata.config import BUILD_KINDS, EVALUATED_KINDS, TRAIN_KINDS
-from robustdata.errors import RobustDataError
+from robustdata.allocator import keep_freed_memory
+from robustdata.audit.methods import method_names
+from robustdata.config import (BUILD_KINDS, EVALUATED_KINDS, TRAIN_KINDS, AuditParams, BuildParams,
+                               EvaluateParams, IngestParams, Params, PoisonParams, TrainParams, dataset_for,
+                               load_params)
+from robustdata.errors import DataError, RobustDataError
 
 # The machines this runs on have no route to Prefect's telemetry endpoint.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -27,8 +37,10 @@ err_console = Console(stderr=True)
 
 EXIT_CODES = {0: "success", 1: "unexpected failure (a bug: please report it with the traceback)",
               2: "bad input or configuration", 3: "integrity failure: data altered after it was written",
-              4: "poisons detected (audit --fail-on-detect)"}
+              4: "poisons detected (audit --fail-on-detect)", 130: "stopped by SIGINT (Ctrl-C)",
+              143: "stopped by SIGTERM"}
 EXIT_POISONS_DETECTED = 4
+Checked = TypeVar("Checked")
 
 
 class _QuietUserErrors(logging.Filter):
@@ -60,34 +72,184 @@ def run_guarded(command: Callable[[], Any], runs_flows: bool = True) -> Any:
         raise typer.Exit(exc.exit_code) from None
 
 
+def run_checked(check: Callable[[], Checked], command: Callable[[Checked], Any], runs_flows: bool = True) -> Any:
+    """check(), then command(what check returned). `check` validates the params and the inputs the command
+    reads, and imports neither Prefect nor torch nor the flows: a bad input comes back as one line in a
+    fraction of a second, before a flow run starts a Prefect server."""
+    checked = run_guarded(check, runs_flows=False)
+    return run_guarded(lambda: command(checked), runs_flows)
+
+
 def version_callback(value: bool) -> None:
     if value:
         console.print(f"robustdata {__version__}")
         raise typer.Exit()
 
 
-def run() -> None:
-    """The console entry point: a `dvc repro` stage started by `robustdata repro` hands its command to
-    the warm runner (flows/warm.py says why); anything else runs here."""
-    if os.environ.get("ROBUSTDATA_WARM_SOCKET"):
-        from robustdata.flows.warm import forward
+# ------------------------------------------------------------------------------------------------ stopping
 
-        code = forward(sys.argv)
-        if code is not None:
-            sys.exit(code)
-    app()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 30  # after a stop signal, the time a command has to unwind before its children are killed
+CHILD_GRACE_S = 5  # a child sent SIGTERM at the end has this long to exit before SIGKILL
+_stopped_by: list[int] = []  # the stop signals received
+
+
+class Stopped(BaseException):
+    """Raised by a stop signal (SIGTERM, SIGINT) in the main thread. Like KeyboardInterrupt it unwinds the
+    command: Prefect marks its flow run crashed, context managers and exit handlers stop what they started
+    (Prefect's temporary server, a Dask cluster, `dvc repro`). A BaseException, so that `except Exception`
+    does not swallow it, nor click turn it into "Aborted!" and exit code 1."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise Stopped. A second stop signal, or a command still running STOP_GRACE_S after
+    the first (a task thread that does not return, an exit handler that hangs), stops the command's child
+    processes and exits at once. Whatever child processes are left when a stopped command exits are stopped
+    last (stop_children_when_stopped)."""
+    atexit.register(stop_children_when_stopped)  # registered first: runs after the exit handlers of libraries
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+
+
+def on_stop_signal(signum: int, frame: Any) -> None:
+    _stopped_by.append(signum)
+    if len(_stopped_by) > 1:
+        exit_now(signum)
+    watchdog = threading.Timer(STOP_GRACE_S, exit_now, args=(signum,))
+    watchdog.daemon = True
+    watchdog.start()
+    raise Stopped(signum)
+
+
+def exit_now(signum: int) -> None:
+    stop_processes(descendants(os.getpid()), grace=1)
+    os._exit(128 + signum)
+
+
+def stop_children_when_stopped() -> None:
+    if _stopped_by:
+        stop_processes(descendants(os.getpid()), grace=CHILD_GRACE_S)
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid`, parents first (Linux, from /proc; none found elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if name.isdigit() and (stat := process_stat(int(name))) is not None and stat[0] != b"Z":
+            children.setdefault(stat[1], []).append(int(name))
+    found, parents = [], [pid]
+    while parents:
+        below = children.get(parents.pop(), [])
+        found.extend(below)
+        parents.extend(below)
+    return found
+
+
+def process_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, parent pid) of a process, from /proc/PID/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    state, parent = stat[stat.rindex(b")") + 2:].split()[:2]  # after the command name, which may hold spaces
+    return state, int(parent)
+
+
+def alive(pid: int) -> bool:
+    stat = process_stat(pid)
+    return stat is not None and stat[0] != b"Z"  # a zombie has exited; only its exit status waits to be read
+
+
+def stop_processes(pids: list[int], grace: float) -> None:
+    """SIGTERM to each process; SIGKILL to those still there after `grace` seconds."""
+    for pid in pids:
+        signal_process(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        signal_process(pid, signal.SIGKILL)
+
+
+def signal_process(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run() -> None:
+    """The console entry point (and `python -m robustdata`): set the process up, then run the command."""
+    keep_freed_memory()
+    stop_on_signals()
+    try:
+        app()
+    except (Stopped, SystemExit):
+        if not _stopped_by:
+            raise
+        # stopped: exit as a stopped program does, also when a library swallowed the Stopped exception
+        err_console.print(f"[bold red]stopped:[/] {signal.Signals(_stopped_by[0]).name}", highlight=False)
+        sys.exit(128 + _stopped_by[0])
+
+
+# ------------------------------------------------------------------------------ inputs, before any flow starts
+# What a command reads must exist before its flow starts a Prefect server (about 12 s): these checks read only
+# the file system, so that a missing input is one error line at once. The tasks check contents as they read.
+
+
+def require_datasets(*roots: Path) -> None:
+    """Each root is a finished dataset directory: its card.json, which is written last, is there."""
+    for root in map(Path, roots):
+        if not (root / "card.json").is_file():
+            what = "no such directory" if not root.is_dir() else "card.json missing: not a finished dataset"
+            raise DataError(f"{what} (run `robustdata ingest` to build one)", path=root)
+
+
+def require_splits(data: Path, *splits: str) -> None:
+    require_datasets(*(Path(data) / split for split in splits))
+
+
+def require_models(*directories: Path) -> None:
+    """Each directory holds a trained model: its weights (model.pt) and their sidecar (model.json)."""
+    for directory in map(Path, directories):
+        missing = [name for name in ("model.pt", "model.json") if not (directory / name).is_file()]
+        if missing:
+            what = "no such directory" if not directory.is_dir() else f"{' and '.join(missing)} missing"
+            raise DataError(f"{what}: not a trained model (run `robustdata train` to train one)", path=directory)
+
+
+# the sources robustdata.data.sources.open_source reads (its SOURCE_KINDS: tests/test_cli.py checks they agree),
+# here so that checking a spec imports nothing heavy
+SOURCE_KINDS = ("mnist", "torchvision:NAME", "imagefolder:PATH", "shards:GLOB")
+
+
+def require_source(spec: str) -> None:
+    """An ingest's source is one of SOURCE_KINDS, an imagefolder:PATH names a directory and a shards:GLOB
+    matches files; mnist and torchvision:NAME are fetched by the flow."""
+    kind, _, arg = spec.partition(":")
+    if not any(kind == known.split(":")[0] and bool(arg) == (":" in known) for known in SOURCE_KINDS):
+        raise RobustDataError(f"unknown source {spec!r}; valid: {', '.join(SOURCE_KINDS)}")
+    if kind == "imagefolder" and not Path(arg).is_dir():
+        raise DataError("not a directory", path=arg)
+    if kind == "shards" and not glob.glob(os.path.expanduser(arg), recursive=True):
+        raise DataError("no shard files match this pattern", path=arg)
 
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """Exit codes: 0 success, 1 bug, 2 bad input or configuration, 3 integrity failure,
-    4 poisons detected (audit --fail-on-detect)."""
+    4 poisons detected (audit --fail-on-detect), 130 / 143 stopped by SIGINT / SIGTERM."""
 
 
 @app.command()
 def ingest(
-    source: Optional[str] = typer.Option(None, help="mnist | torchvision:NAME | imagefolder:PATH | shards:GLOB"),
+    source: Optional[str] = typer.Option(None, help=" | ".join(SOURCE_KINDS)),
     out: Optional[Path] = typer.Option(None, help="Output directory; one subdirectory per split."),
     params: Optional[Path] = typer.Option(None, help="params.yaml to read the `ingest` section from."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard."),
@@ -97,18 +259,19 @@ def ingest(
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names (shards without a card)."),
 ) -> None:
     """Ingest a source into webdataset shards + Parquet manifests + dataset cards, then print the card."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> IngestParams:
         config = load_params(params, ingest={
             "source": source, "out": out, "shard_size": shard_size, "limit": limit, "download": download,
             "image_mode": image_mode, "classes": classes.split(",") if classes else None})
+        require_source(config.ingest.source)
+        return config.ingest
+
+    def command(checked: IngestParams) -> None:
         from robustdata.flows.ingest import ingest_flow
 
-        result = ingest_flow(config.ingest)
-        print_summary(result)
+        print_summary(ingest_flow(checked))
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command()
@@ -129,22 +292,24 @@ def train(
     precision: Optional[str] = typer.Option(None, help="bf16 | fp32"),
 ) -> None:
     """Train a classifier (standard, or adversarially robust with --kind robust)."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> TrainParams:
         if kind not in TRAIN_KINDS:
             raise RobustDataError(f"unknown --kind {kind!r}; valid: {sorted(TRAIN_KINDS)}")
         section = TRAIN_KINDS[kind]
-        config = load_params(params, **{section: {
+        config = getattr(load_params(params, **{section: {
             "data": data, "out": out, "arch": arch, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "limit": limit, "seed": seed, "device": device, "precision": precision}})
+            "limit": limit, "seed": seed, "device": device, "precision": precision}}), section)
+        require_splits(config.data, "train", "val")
+        return config
+
+    def command(checked: TrainParams) -> None:
         from robustdata.flows.train import train_flow
 
-        result = train_flow(getattr(config, section))
+        result = train_flow(checked)
         console.print(f"wrote {result['out']}: val accuracy {100 * result['val_accuracy']:.2f}% after "
                       f"{result['epochs_run']} epochs in {result['train_seconds']:.1f} s of training")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command()
@@ -157,17 +322,20 @@ def evaluate(
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Clean and robust accuracy (PGD with restarts) of trained models; JSON + markdown reports."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> EvaluateParams:
         config = load_params(params, evaluate={"models": model or None, "data": data, "limit": limit,
-                                               "out": out, "device": device})
+                                               "out": out, "device": device}).evaluate
+        require_models(*config.models)
+        require_datasets(config.data)
+        return config
+
+    def command(checked: EvaluateParams) -> None:
         from robustdata.flows.train import evaluate_flow
 
-        result = evaluate_flow(config.evaluate)
+        result = evaluate_flow(checked)
         console.print(Path(result["out"], "summary.md").read_text(), soft_wrap=True, markup=False)
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command()
@@ -183,12 +351,8 @@ def poison(
     seed: Optional[int] = typer.Option(None),
 ) -> None:
     """Plant backdoor poisons with ground truth (for testing the audit, or as canaries)."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> PoisonParams:
         from pydantic import ValidationError
-
-        from robustdata.config import PoisonParams
 
         section = load_params(params).poison.model_dump()
         section.update({k: v for k, v in {"data": data, "out": out, "target": target, "source": source,
@@ -203,14 +367,18 @@ def poison(
             poison_params = PoisonParams.model_validate(section)
         except ValidationError as exc:
             raise RobustDataError(f"invalid poison options: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+        require_splits(poison_params.data, "train", "val", "test")
+        return poison_params
+
+    def command(checked: PoisonParams) -> None:
         from robustdata.flows.audit import poison_flow
 
-        result = poison_flow(poison_params)
+        result = poison_flow(checked)
         console.print(f"wrote {result['out']}: {result['poisons']} of {result['train_samples']} training images "
                       f"poisoned with {result['trigger']} -> class {result['target']}; "
                       f"{result['triggered_test_samples']} triggered test images")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 DASK_HELP = ("Run the mapped work on Dask: 'local' (a LocalCluster of --workers processes) or a scheduler "
@@ -225,7 +393,7 @@ def audit(
     layer: Optional[str] = typer.Option(None, help="penultimate | last_conv | a module name"),
     eps: Optional[float] = typer.Option(None, help="Bound on a class's poisoned fraction: remove 1.5 eps of every "
                                         "class. Default: estimate which classes are poisoned and how many poisons."),
-    removal_method: Optional[str] = typer.Option(None, help="filter | spectre | spectral | clustering"),
+    removal_method: Optional[str] = typer.Option(None, help=" | ".join(method_names())),
     out: Optional[Path] = typer.Option(None, help="Filtered dataset output."),
     report: Optional[Path] = typer.Option(None, help="Report directory."),
     workers: Optional[int] = typer.Option(None, help="Feature-extraction chunks at once (threads, or Dask workers)."),
@@ -235,19 +403,22 @@ def audit(
                                         help=f"Exit {EXIT_POISONS_DETECTED} when any sample is flagged (CI gates)."),
 ) -> None:
     """Audit a training set for backdoor poisons (spectral filtering); write scores, report, filtered set."""
-    from robustdata.config import load_params
-
-    def command() -> int:
+    def check() -> AuditParams:
         config = load_params(params, audit={"model": model, "data": data, "layer": layer, "eps": eps,
                                             "removal_method": removal_method, "out": out, "report": report,
-                                            "workers": workers, "dask": dask, "device": device})
+                                            "workers": workers, "dask": dask, "device": device}).audit
+        require_models(config.model)
+        require_splits(config.data, "train", "val")
+        return config
+
+    def command(checked: AuditParams) -> int:
         from robustdata.flows.audit import audit_flow
 
-        result = audit_flow(config.audit)
+        result = audit_flow(checked)
         print_audit(result)
         return result["num_flagged"]
 
-    flagged = run_guarded(command)
+    flagged = run_checked(check, command)
     if fail_on_detect and flagged:
         err_console.print(f"[bold red]poisons detected:[/] {flagged} samples flagged (--fail-on-detect)")
         raise typer.Exit(EXIT_POISONS_DETECTED)
@@ -258,17 +429,22 @@ def retrain_clean(
     params: Optional[Path] = typer.Option(None, help="params.yaml with retrain_clean and audit_eval sections."),
 ) -> None:
     """Retrain on the filtered set; clean accuracy and attack success rate before and after."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> Params:
         config = load_params(params)
+        require_splits(config.retrain_clean.data, "train", "val")
+        evaluation = config.audit_eval  # its models include the one this command trains
+        require_models(*(m for m in evaluation.models if Path(m) != Path(config.retrain_clean.out)))
+        require_datasets(evaluation.clean_test, evaluation.triggered_test, evaluation.audited_data)
+        return config
+
+    def command(config: Params) -> None:
         from robustdata.flows.audit import retrain_clean_flow
 
         result = retrain_clean_flow(config.retrain_clean, config.audit_eval)
         print_loop(result["rows"])
         console.print(f"wrote {result['out']}")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command("audit-loop")
@@ -278,17 +454,22 @@ def audit_loop(
     plant: bool = typer.Option(False, "--plant", help="Plant the `poison` section's poisons first (a demo or canary)."),
 ) -> None:
     """The audit loop without DVC: (plant ->) train suspect -> audit -> retrain -> before/after."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> Params:
         config = load_params(params)
+        if plant:  # the loop's first step reads a clean ingest, or the poisoned set planted earlier
+            require_splits(config.poison.data, "train", "val", "test")
+        else:
+            require_splits(config.train_suspect.data, "train", "val")
+        return config
+
+    def command(config: Params) -> None:
         from robustdata.flows.audit import audit_loop_flow
 
         result = audit_loop_flow(config, plant=plant)
         print_audit(result["audit"])
         print_loop(result["loop"]["rows"])
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 def print_audit(result: dict[str, Any]) -> None:
@@ -342,23 +523,26 @@ def build(
     """Build a robustified (D_R) or non-robust-feature (D_NR, D_rand, D_det) dataset, shard by shard.
 
     A killed build continues where it stopped when run again with the same params."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> BuildParams:
         if kind not in BUILD_KINDS:
             raise RobustDataError(f"unknown --kind {kind!r}; valid: {list(BUILD_KINDS)}")
         overrides = {"data": data, "model": model, "out": out, "limit": limit, "steps": steps,
                      "step_size": step_size, "schedule": schedule, "eps": eps, "start": start, "layer": layer,
                      "workers": workers, "dask": dask, "device": device, "seed": seed}
         config = getattr(load_params(params, **{f"build_{kind}": overrides}), f"build_{kind}")
+        require_splits(config.data, "train", "val")
+        require_models(config.model)
+        return config
+
+    def command(checked: BuildParams) -> None:
         from robustdata.flows.robustify import run_build
 
-        result = run_build(config)
+        result = run_build(checked)
         counts = ", ".join(str(n) for n in result["counts_per_class"])
         console.print(f"wrote {result['out']}: {result['num_samples']} samples ({result['shards_built']} of "
                       f"{result['num_shards']} shards built now); per class {counts}")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command("evaluate-built")
@@ -368,13 +552,16 @@ def evaluate_built(
 ) -> None:
     """Train standard classifiers on one dataset (seeds, learning-rate sweep) and evaluate them on the
     original test set: clean accuracy and robust accuracy under PGD."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> Params:
         if kind not in EVALUATED_KINDS:
             raise RobustDataError(f"unknown --kind {kind!r}; valid: {list(EVALUATED_KINDS)}")
         config = load_params(params)
-        from robustdata.flows.robustify import dataset_for, evaluate_built_flow
+        require_splits(dataset_for(kind, config)[0], "train", "val")
+        require_datasets(config.robustify_eval.test, config.robustify_eval.val)
+        return config
+
+    def command(config: Params) -> None:
+        from robustdata.flows.robustify import evaluate_built_flow
 
         data_dir, limit = dataset_for(kind, config)
         result = evaluate_built_flow(kind, data_dir, limit, config.robustify_eval)
@@ -388,23 +575,25 @@ def evaluate_built(
         console.print(table)
         console.print(f"wrote {result['out']}")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command("robustify-report")
 def robustify_report(params: Optional[Path] = typer.Option(None, help="params.yaml")) -> None:
     """The Ilyas et al. table (mean +- std over seeds), image grids and saliency maps."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> Params:
         config = load_params(params)
+        require_splits(config.build_robust.data, "train")  # the originals shown beside the built images
+        return config
+
+    def command(config: Params) -> None:
         from robustdata.flows.robustify import robustify_report_flow
 
         result = robustify_report_flow(config)
         console.print(result["markdown"], markup=False, highlight=False)
         console.print(f"report {result['report']}")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command()
@@ -415,16 +604,18 @@ def pipeline(
 ) -> None:
     """Everything in one Prefect flow: ingest -> poison -> audit -> retrain -> robust models -> D_R, D_NR,
     D_rand, D_det -> classifiers on them -> reports/index.html (the same steps as `dvc repro`)."""
-    from robustdata.config import load_params
-
-    def command() -> None:
+    def check() -> Params:
         config = load_params(params, profile=profile)
+        require_source(config.ingest.source)  # every later step reads what an earlier one wrote
+        return config
+
+    def command(config: Params) -> None:
         from robustdata.flows.pipeline import pipeline_flow
 
         result = pipeline_flow(config)
         console.print(f"results page: {result['html']} (and {result['markdown']})")
 
-    run_guarded(command)
+    run_checked(check, command)
 
 
 @app.command()
@@ -433,29 +624,55 @@ def repro(
     force: bool = typer.Option(False, "--force", help="Rerun the stages even when DVC finds them up to date."),
 ) -> None:
     """`dvc repro` with one Prefect server shared by every stage (PREFECT_API_URL when set, else one started
-    on loopback for the run), then the path of the results page. The README's main command."""
-    import subprocess
+    on loopback for the run), then the path of the results page. The README's main command.
 
-    def command() -> int:
-        from robustdata.flows.server import starting_prefect_server
-        from robustdata.flows.warm import warm_runner
+    Stopped (SIGTERM, Ctrl-C), it stops `dvc repro` and its stage first, then the server."""
+    def check() -> None:
+        if not Path("dvc.yaml").is_file():
+            raise RobustDataError(f"no dvc.yaml in {Path.cwd()}: run `robustdata repro` in the repository's root")
+
+    def command(_: None) -> int:
+        import subprocess
+
+        from robustdata.flows.server import prefect_server
 
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        log = Path(".dvc/tmp/prefect-server.log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        # the runner's imports (about 2 s) overlap the server's start (about 3 s)
-        with starting_prefect_server(log=log, env=env) as (url, wait_until_healthy), \
-                warm_runner({**env, "PREFECT_API_URL": url}, log.with_name("warm-runner.log")) as stage_env:
-            wait_until_healthy()
+        with prefect_server() as url:
             console.print(f"Prefect API {url}")
-            code = subprocess.call(["dvc", "repro", *(["--force"] if force else []), *(targets or [])],
-                                   env=stage_env)
+            # a process group of its own, which stop_dvc signals as a whole: dvc, the shell, the stage
+            dvc = subprocess.Popen(["dvc", "repro", *(["--force"] if force else []), *(targets or [])],
+                                   env={**env, "PREFECT_API_URL": url}, start_new_session=True)
+            try:
+                code = dvc.wait()
+            finally:
+                stop_dvc(dvc)
         if code == 0 and Path("reports/index.html").exists():
             console.print(f"results page: {Path('reports/index.html').resolve()} (and reports/index.md)")
         return code
 
-    raise typer.Exit(run_guarded(command, runs_flows=False))
+    raise typer.Exit(run_checked(check, command, runs_flows=False))
+
+
+DVC_STOP_S = 20  # dvc and its stage stop within this, or are killed (a stopped command has STOP_GRACE_S in all)
+
+
+def stop_dvc(dvc: Any) -> None:
+    """Stop a `dvc repro` that is still running, as Ctrl-C in a terminal would: SIGINT to its process group.
+    DVC ignores it while a stage runs, the stage stops (and stops what it started), then DVC fails the stage,
+    releases its lock and exits. SIGKILL to the group if that takes longer than DVC_STOP_S."""
+    import subprocess
+
+    if dvc.poll() is not None:
+        return
+    try:
+        os.killpg(dvc.pid, signal.SIGINT)
+        dvc.wait(timeout=DVC_STOP_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(dvc.pid, signal.SIGKILL)
+        dvc.wait()
+    except ProcessLookupError:  # it exited meanwhile
+        dvc.wait()
 
 
 @app.command(name="show-params")
@@ -465,8 +682,6 @@ def show_params(
 ) -> None:
     """Print the merged, validated params as YAML: `robustdata show-params --profile full > p.yaml`."""
     import yaml
-
-    from robustdata.config import load_params
 
     def command() -> None:
         config = load_params(params, profile=profile)
@@ -479,8 +694,6 @@ def show_params(
 def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where each stage wrote its metrics).")
             ) -> None:
     """Write the results page (reports/index.html + index.md) from the stages' JSON metrics and figures."""
-    from robustdata.config import load_params
-
     def command() -> None:
         config = load_params(params)
         from robustdata.tasks.report import index_task
@@ -504,6 +717,7 @@ def serve(
     """Register the audit as a deployment with a cron schedule on the Prefect server at PREFECT_API_URL,
     and run its scheduled (and manually triggered) runs until stopped (Ctrl-C)."""
     def command() -> None:
+        load_params(params, profile=profile)  # every run reads them afresh; a bad file fails now, not at 3 a.m.
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
@@ -522,13 +736,11 @@ def server(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to reach it from other machines)."),
     port: int = typer.Option(4200),
 ) -> None:
-    """Start a Prefect server (the UI and API that schedules need) in the foreground."""
-    import subprocess
-
+    """Start a Prefect server (the UI and API that schedules need) in the foreground: this process becomes
+    `prefect server start`, so that stopping it (Ctrl-C, SIGTERM) stops the server itself."""
     console.print(f"export PREFECT_API_URL=http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/api")
-    bin_dir = Path(sys.executable).parent
-    prefect = bin_dir / "prefect" if (bin_dir / "prefect").exists() else Path("prefect")
-    raise typer.Exit(subprocess.call([str(prefect), "server", "start", "--host", host, "--port", str(port)]))
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
 
 
 @app.command()
@@ -587,4 +799,4 @@ def print_card(card: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    run()

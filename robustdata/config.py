@@ -12,6 +12,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError)
 
+from robustdata.audit.methods import method_names  # the audit-method registry's names; imports no torch
 from robustdata.errors import DataError, RobustDataError
 
 
@@ -107,7 +108,7 @@ class PoisonParams(Strict):
     seed: int = 0
 
 
-AuditMethod = Literal["filter", "spectre", "spectral", "clustering"]
+AuditMethod = Literal[method_names()]  # one per module of robustdata/audit/methods/: adding a file adds a name
 
 
 class AuditParams(Strict):
@@ -289,9 +290,17 @@ def load_params(path: str | Path | None = None, profile: str | Path | None = Non
             known = sorted(p.stem for p in candidate.parent.glob("*.yaml")) if candidate.parent.is_dir() else []
             raise DataError(f"no such profile; known profiles: {known}", path=candidate)
         raw = deep_merge(raw, read_yaml(candidate))
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    for section, values in sections.items():  # key by key, as files and profiles are laid over each other
+        raw[section] = deep_merge(raw.get(section, {}), {k: v for k, v in values.items() if v is not None})
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise RobustDataError(f"invalid params{f' in {path}' if path else ''}: {validation_problems(exc)}") from exc
+
+
+def dataset_for(kind: str, params: Params) -> tuple[Path, int | None]:
+    """(data directory with train/ and val/, images used) that classifiers of an evaluated kind train on: D is
+    the original training set cut to the size of the builds, so every classifier sees as many images."""
+    if kind == ORIGINAL:
+        return params.build_robust.data, params.build_robust.limit
+    return getattr(params, f"build_{kind}").out, None

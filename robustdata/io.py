@@ -124,3 +124,14 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"not valid UTF-8 JSON ({exc})", path=path) from exc
     except RecursionError as exc:  # json recurses once per nesting level
         raise DataError("JSON nested too deeply", path=path) from exc
+
+
+def write_parquet_atomic(path: str | Path, table: Any) -> None:
+    """A pyarrow Table as a Parquet file (zstd), written atomically."""
+    import io
+
+    import pyarrow.parquet as pq  # here: most commands never write Parquet, and pyarrow is slow to import
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes_atomic(path, buffer.getvalue())

@@ -9,14 +9,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from robustdata.config import IngestParams
-from robustdata.data.ingest import ingest_split
-from robustdata.data.sources import Source, open_source
+from robustdata.data.ingest import dataset_index, ingest_split, source_from
 from robustdata.io import write_json_atomic
-
-
-def source_from(params: IngestParams) -> Source:
-    return open_source(params.source, download=params.download, classes=params.classes,
-                       mode=params.image_mode, resize=params.resize)
 
 
 # DVC decides what is stale and caches artifacts; Prefect must not cache again.
@@ -43,7 +37,5 @@ def ingest_split_task(params: IngestParams, split: str, out_dir: Path) -> dict[s
 def write_index(root: Path, name: str, source: str, classes: list[str],
                 splits: list[dict[str, Any]]) -> Path:
     """dataset.json at the top of an ingest: the splits and their summaries."""
-    index = {"name": name, "source": source, "classes": classes,
-             "splits": {s["split"]: {k: v for k, v in s.items() if k not in ("split", "path")} for s in splits}}
-    write_json_atomic(root / "dataset.json", index)
+    write_json_atomic(root / "dataset.json", dataset_index(name, source, classes, splits))
     return root / "dataset.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from robustdata.config import Params
 from robustdata.errors import DataError
+from robustdata.io import read_json
 from robustdata.report.results_page import write_results_page
 
 
@@ -22,19 +22,11 @@ def metrics_files(params: Params) -> dict[str, Path]:
             "evaluate": Path(params.evaluate.out) / "metrics.json"}
 
 
-def read_if_present(path: Path) -> Any:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"not valid UTF-8 JSON ({exc}); rerun the stage that writes it", path=path) from exc
-
-
 @task(name="results-page", cache_policy=NO_CACHE)
 def index_task(params: Params) -> dict[str, Any]:
     """reports/index.html + index.md from whatever stages have run; an error if none has."""
-    inputs = {name: read_if_present(path) for name, path in metrics_files(params).items()}
+    # a stage that has not run has no metrics yet; one whose file is unreadable is an error (read_json)
+    inputs = {name: read_json(path) if path.exists() else None for name, path in metrics_files(params).items()}
     if not any(inputs.values()):
         raise DataError("no stage results to show: run `make run` or `dvc repro` first", path=params.results.out)
     figure_dirs = [Path(params.audit_eval.out), Path(params.robustify_eval.out)]

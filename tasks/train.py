@@ -13,11 +13,9 @@ from robustdata.config import EvaluateParams, TrainParams
 from robustdata.data.manifest import open_dataset
 from robustdata.data.memory import load_in_memory
 from robustdata.io import atomic_directory, code_version, write_bytes_atomic, write_json_atomic
-from robustdata.report.documents import evaluation_markdown
-from robustdata.train.training import evaluate_model, fit, load_checkpoint, resolve_device, save_checkpoint, work_dir
-
-MODEL_FILE = "model.pt"
-
+from robustdata.report.evaluation import evaluation_markdown
+from robustdata.train.training import (MODEL_FILE, evaluate_model, evaluation_metrics, fit, load_model,
+                                       resolve_device, save_checkpoint, work_dir)
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(params: TrainParams, progress: bool = True) -> dict[str, Any]:
@@ -47,7 +45,7 @@ def train_task(params: TrainParams, progress: bool = True) -> dict[str, Any]:
 def evaluate_task(params: EvaluateParams, model_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Clean accuracy (all images) and robust accuracy under each attack (first `limit` images)."""
     device = resolve_device(params.device)
-    model, sidecar = load_checkpoint(Path(model_dir) / MODEL_FILE, device)
+    model, sidecar = load_model(model_dir, device)
     test_set = open_dataset(params.data)
     report = evaluate_model(model, load_in_memory(test_set, progress=progress), params.attacks, limit=params.limit,
                             batch_size=params.batch_size, seed=params.seed, progress=progress)
@@ -61,9 +59,7 @@ def evaluate_task(params: EvaluateParams, model_dir: Path, progress: bool = True
 def write_evaluation(out: Path, results: list[dict[str, Any]]) -> Path:
     """metrics.json (for DVC metrics and CI gates) and summary.md (a table a person reads)."""
     out = Path(out)
-    write_json_atomic(out / "metrics.json", {Path(r["model"]).name: {
-        "clean_accuracy": r["clean"]["accuracy"],
-        **{f"robust_{a['threat']}_{a['eps']:g}": a["accuracy"] for a in r["robust"]}} for r in results})
+    write_json_atomic(out / "metrics.json", evaluation_metrics(results))
     write_json_atomic(out / "details.json", {"results": results, "built_by": {"stage": "evaluate", **code_version()}})
     write_bytes_atomic(out / "summary.md", evaluation_markdown(results).encode())
     return out

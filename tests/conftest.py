@@ -19,6 +19,19 @@ from robustdata.data.shards import Sample
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a CUDA GPU is present and are skipped, saying why, where none is."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in cuda_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     from prefect.settings import PREFECT_API_URL

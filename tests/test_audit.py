@@ -21,9 +21,13 @@ offset.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import sys
+import textwrap
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -32,10 +36,14 @@ import torch
 from robustdata.audit.clustering import activation_clustering, two_means
 from robustdata.audit.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
                                             poisoned_classes, split_1d)
+import robustdata.audit.methods as audit_methods
+from robustdata.audit.methods import get_method, method_names, register, registry
+from robustdata.audit.methods.base import Method
 from robustdata.audit.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
 from robustdata.audit.scoring import METHODS, AuditResult, run_audit
 from robustdata.audit.spectral import class_pca, spectral_signature_scores, top_principal
 from robustdata.audit.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
+from robustdata.config import AuditMethod, AuditParams
 from robustdata.errors import RobustDataError
 
 NUM_CLASSES, PER_CLASS, DIM, INPUT_DIM = 4, 1000, 64, 32
@@ -45,7 +53,7 @@ SHIFT, STRONG_SHIFT, POISON_SD = 10.0, 35.0, 0.3
 TRIGGER_NORM = 2.0  # input-space trigger offset; class input centroids lie ~24 apart
 LEVELS = (0.03, 0.10, 0.30, 0.50)  # poisoned fraction of the target class
 
-ROBUST_MOMENTS_BUG = ("known limitation (robustdata/detection/spectre.py robust_moments): the first filtering round "
+ROBUST_MOMENTS_BUG = ("known limitation (robustdata/audit/spectre.py robust_moments): the first filtering round "
                       "follows the top principal direction, so a small poison cluster hidden under larger natural "
                       "variance in a low direction is not removed and SPECTRE / the whitened probe miss it. "
                       "On learned representations the poisons sit in the top directions; a kurtosis start fixed "
@@ -192,7 +200,7 @@ def test_filter_fills_the_budget_beyond_its_suspects_uniformly_not_by_score():
     """At 30% poisons the budget (45% of the class) exceeds the poisons by 150 samples. The filter removes
     every poison and the clean side's outliers by score, then draws the rest uniformly: the drawn samples'
     scores are spread like the class's typical samples, not its top slab (which would cut one mode out)."""
-    from robustdata.audit.scoring import SUSPICIOUS_Z
+    from robustdata.audit.methods.filter import SUSPICIOUS_Z
 
     data = planted(0.30, STRONG_SHIFT)
     result = audited(0.30, STRONG_SHIFT, eps_scope="poisoned")
@@ -687,6 +695,90 @@ def test_a_subset_of_methods_runs_and_leaves_the_rest_out():
                        removal_method="spectral", generator=torch.Generator().manual_seed(0))
     assert set(result.scores) == {"spectral"} and result.removal_method == "spectral"
     assert torch.equal(result.removed, result.flagged["spectral"])
+
+
+# -------------------------------------------------------------- the method registry
+
+PAPER_METHODS = ("filter", "spectre", "spectral", "clustering")
+
+
+@pytest.mark.parametrize("name", PAPER_METHODS)
+def test_the_registry_finds_each_method_by_name(name):
+    method = get_method(name)
+    assert isinstance(method, Method) and method.name == name
+    assert registry()[name] is method and type(method).__module__ == f"robustdata.audit.methods.{name}"
+
+
+@pytest.mark.parametrize("name", ["magic", "Filter", "", "base"])
+def test_an_unknown_method_name_is_refused_with_the_valid_ones(name):
+    valid = r"\['filter', 'spectre', 'spectral', 'clustering'\]"
+    with pytest.raises(RobustDataError, match=rf"unknown audit method '{name}'; valid: {valid}"):
+        get_method(name)
+
+
+def test_the_config_the_registry_and_the_method_modules_agree():
+    assert get_args(AuditMethod) == method_names() == tuple(sorted(registry()))
+    # the audit runs them in `order` (the draws from the shared generator follow it); the default is every one
+    assert METHODS == tuple(registry()) == PAPER_METHODS
+    assert len({method.order for method in registry().values()}) == len(METHODS)
+    with pytest.raises(ValueError, match="'magic'"):
+        AuditParams(methods=["filter", "magic"])
+
+
+def test_a_method_is_named_after_its_module():
+    class Misnamed(Method):
+        name = "not_this_module"
+
+    with pytest.raises(RobustDataError, match="named 'not_this_module' but lives in module 'test_audit'"):
+        register(Misnamed)
+    assert "not_this_module" not in registry()
+
+
+TOY_METHOD = '''
+    """A toy audit method: squared distance from the class mean in its top 4 principal coordinates."""
+    from robustdata.audit.methods import register
+    from robustdata.audit.methods.base import ClassFlags, ClassScores, Method, top_k_mask
+
+
+    @register
+    class Toy(Method):
+        name = "toy"
+        order = 90
+
+        def coordinates(self, options):
+            return 4
+
+        def score(self, view, options, generator):
+            return ClassScores((view.pca.coords[:, :4] ** 2).sum(1))
+
+        def flag(self, verdict, scores, options, generator):
+            return ClassFlags(top_k_mask(scores, verdict.budget))
+'''
+
+
+def test_adding_a_method_is_adding_one_module(tmp_path, monkeypatch):
+    """A module dropped into the methods package (here a second folder on its path) is a method the audit runs
+    by name, beside the others, which it leaves bit for bit as they were."""
+    (tmp_path / "toy.py").write_text(textwrap.dedent(TOY_METHOD))
+    monkeypatch.setattr(audit_methods, "__path__", [*audit_methods.__path__, str(tmp_path)])
+    monkeypatch.setattr(audit_methods, "_REGISTRY", dict(audit_methods._REGISTRY))
+    importlib.invalidate_caches()
+    try:
+        assert "toy" in method_names() and list(registry())[-1] == "toy"
+        with_toy = audit_small(methods=(*METHODS, "toy"), removal_method="toy")
+    finally:  # the registry as it was, for the tests that follow
+        monkeypatch.undo()
+        sys.modules.pop("robustdata.audit.methods.toy", None)
+        audit_methods.__dict__.pop("toy", None)
+    without = audit_small(methods=METHODS)
+    assert list(with_toy.scores) == [*METHODS, "toy"] and with_toy.removal_method == "toy"
+    for entry in with_toy.classes:
+        members = planted(0.10).labels == entry["label"]
+        assert int(with_toy.flagged["toy"][members].sum()) == entry["budget"] == entry["flagged"]
+    for method in METHODS:
+        assert torch.equal(with_toy.scores[method], without.scores[method]), method
+        assert torch.equal(with_toy.flagged[method], without.flagged[method]), method
+    assert "toy" not in registry() and "toy" not in method_names()
 
 
 # -------------------------------------------------------------- determinism

@@ -1,4 +1,4 @@
-"""The streaming audit (robustdata/detection/stream.py) flags what the in-memory audit flags, batch by batch.
+"""The streaming audit (robustdata/audit/streaming.py) flags what the in-memory audit flags, batch by batch.
 
 The planted representations of test_audit.py ride inside "images": each image
 is the sample's input-space vector followed by its representation scaled by
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from robustdata.audit.features import extract_features
+from robustdata.audit.methods import registry
 from robustdata.audit.metrics import confusion
 from robustdata.audit.scoring import run_audit
 from robustdata.audit.streaming import STREAM_METHODS, TensorBatches, _Moments, stream_audit
@@ -175,6 +176,12 @@ def test_a_dataloader_of_float_images_is_a_stream():
     result = stream_audit(PICK, loader, NUM_CLASSES, layer="pick", generator=torch.Generator().manual_seed(0))
     _, reference, _ = both(0.10, STRONG_SHIFT)
     assert torch.equal(result.removed, reference.removed)
+
+
+def test_the_streams_default_methods_come_from_the_registry():
+    """Every registered method but SPECTRE (it reads `rank` coordinates per sample), in the registry's order."""
+    assert STREAM_METHODS == tuple(name for name, method in registry().items() if method.streams_by_default)
+    assert STREAM_METHODS == ("filter", "spectral", "clustering")
 
 
 def test_stream_needs_two_identical_passes():

@@ -18,12 +18,13 @@ import math
 import pytest
 import torch
 
-import robustdata.audit.scoring as audit_run
+import robustdata.audit.methods.filter as filter_method
+import robustdata.audit.methods.spectre as spectre_method
 from robustdata.audit.features import extract_features
 from robustdata.audit.metrics import confusion
 from robustdata.audit.scoring import (METHODS, NonFiniteFeaturesError, STATUS_CONSTANT, STATUS_EMPTY, STATUS_OK,
                                       AuditResult, min_samples, run_audit)
-from robustdata.audit.streaming import STREAM_METHODS, TensorBatches, stream_audit
+from robustdata.audit.streaming import TensorBatches, stream_audit
 from robustdata.errors import DataError, RobustDataError
 from robustdata.train.models import SmallCNN
 from robustdata.report.documents import audit_markdown
@@ -209,7 +210,7 @@ def test_a_model_that_outputs_nan_is_named_as_such():
 
 
 def test_the_audit_task_names_the_model_the_data_and_the_keys():
-    from robustdata.tasks.audit import non_finite_features_error
+    from robustdata.audit.results import non_finite_features_error
 
     error = NonFiniteFeaturesError(2, 5, {0: 1, 3: 1}, [1, 4])
     converted = non_finite_features_error(error, model="models/suspect", data="data/poisoned/train",
@@ -224,7 +225,7 @@ def test_no_non_finite_score_reaches_the_scores_table():
     import pyarrow as pa
 
     from robustdata.data.memory import InMemoryDataset
-    from robustdata.tasks.audit import scores_table
+    from robustdata.audit.results import scores_table
 
     labels = torch.tensor([0, 0, 1])
     data = InMemoryDataset(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), labels, ["a", "b", "c"], ["x", "y"])
@@ -256,8 +257,8 @@ def nan_for_class(function, label_count: int):
 
 def test_a_method_that_returns_nan_marks_the_class_and_writes_no_nan(monkeypatch):
     features, inputs, labels, is_poison, num_classes = with_extra_classes([])
-    monkeypatch.setattr(audit_run, "oriented_scores", nan_for_class(audit_run.oriented_scores, 2))
-    monkeypatch.setattr(audit_run, "spectre_scores", nan_for_class(audit_run.spectre_scores, 0))
+    monkeypatch.setattr(filter_method, "oriented_scores", nan_for_class(filter_method.oriented_scores, 2))
+    monkeypatch.setattr(spectre_method, "spectre_scores", nan_for_class(spectre_method.spectre_scores, 0))
     result = run_audit(features, inputs, labels, num_classes, eps=0.1, generator=torch.Generator().manual_seed(0))
     statuses = [c["status"] for c in result.classes]
     assert statuses == ["numerical_failure (spectre not finite)", STATUS_OK,

@@ -9,7 +9,7 @@ import torch
 
 from robustdata.errors import IntegrityError
 from robustdata.train.training import load_checkpoint, save_checkpoint, seeded_model
-from robustdata.tasks.audit import check_audited
+from robustdata.audit.results import check_audited
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_the_contracts_hold():
     ("robustdata/audit/metrics.py", "def late():\n    from robustdata.tasks.audit import audit_task\n",
      "entry points -> flows -> tasks -> library"),
     ("robustdata/data/shards.py", "import prefect\n", "the library never imports Prefect"),
-    # a flow importing the CLI: what flows/warm.py did
+    # a flow importing the CLI, as the deleted warm runner (flows/warm.py) did
     ("robustdata/flows/ingest.py", "from robustdata.cli import app\n", "entry points -> flows -> tasks -> library"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):

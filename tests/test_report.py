@@ -1,9 +1,12 @@
-"""Audit reports: planted poisons show up in the numbers, user strings are escaped, PNGs are reproducible."""
+"""Reports: planted poisons show up in the numbers, user strings are escaped in HTML and markdown, numbers
+print the same way everywhere (n = 1 never as "± 0.0"), PNGs are reproducible, artifact rows are flat."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,10 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-import robustdata.report.documents
-from conftest import tree_digest
+import robustdata.report
+import robustdata.report.figures
+from conftest import markdown_rows, tree_digest
 from robustdata.errors import RobustDataError
 from robustdata.report.documents import audit_markdown, write_audit_report
+from robustdata.report.evaluation import evaluation_markdown, evaluation_rows
+from robustdata.report.formats import mean_std, number, percent
+from robustdata.report.render import DocTable, render_html, render_markdown
+from robustdata.report.results_page import write_results_page
+from robustdata.report.robustify import metric_rows, run_rows, write_report
 
 NAMES = ["airplane", "cat", "dog"]
 SIZES = [60, 80, 60]  # samples per class; the 20 poisons sit in class 1
@@ -151,13 +160,50 @@ def test_pngs_decode_and_are_byte_identical_across_runs(report, tmp_path):
     assert tree_digest(tmp_path) == tree_digest(out)
 
 
+HOSTILE = ["a|b*", "<script>alert(1)</script>", "$\\frac{$"]  # class names are a user's folder names
+
+
 def test_user_strings_are_escaped(tmp_path):
     summary, scores, images = planted()
     # "$...$" would be parsed as LaTeX by matplotlib (and this one fails to parse): names are plain text.
-    paths = write_audit_report(tmp_path, summary, scores, images, classes=["a|b", "<b>cat</b>", "$\\frac{$"])
+    paths = write_audit_report(tmp_path, summary, scores, images, classes=HOSTILE)
     html_text, markdown = paths["html"].read_text(), paths["markdown"].read_text()
-    assert "<b>cat</b>" not in html_text and "&lt;b&gt;cat&lt;/b&gt;" in html_text
-    assert "<b>cat</b>" not in markdown and "| a\\|b |" in markdown  # a pipe must not split a table cell
+    assert "<script>" not in html_text and "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    assert "<td>a|b*</td>" in html_text  # HTML needs no escape for these; the cell stays one cell
+    assert "<script>" not in markdown and "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+    assert "| a\\|b\\* |" in markdown  # a pipe must not split a table cell, a star must not start emphasis
+    assert markdown_rows(markdown)["a\\|b\\*"][:2] == ["0", "60"]  # the row still has its own cells
+
+
+def test_results_page_escapes_model_names(tmp_path):
+    loop = {"<script>x</script>": {"clean_accuracy": 0.99313, "asr": 0.0009}, "a|b*": {"clean_accuracy": 0.5,
+                                                                                         "asr": None}}
+    paths = write_results_page(tmp_path, {"audit_loop": loop}, [])
+    html_text, markdown = paths["html"].read_text(), paths["markdown"].read_text()
+    assert "<script>" not in html_text and "<td>&lt;script&gt;x&lt;/script&gt;</td><td>99.31%</td><td>0.09%</td>" \
+        in html_text
+    assert "<script>" not in markdown and "| &lt;script&gt;x&lt;/script&gt; | 99.31% | 0.09% |" in markdown
+    assert "| a\\|b\\* | 50.00% | – |" in markdown
+
+
+def test_html_is_autoescaped_by_the_templates_and_markdown_by_its_filter():
+    doc = [("<h1>", [["<i>x</i>", "`code` *em* [link](u)"], "<p>"]), ("t", [DocTable(["<th>"], [["<td>|"]], [True])])]
+    html_text, markdown = render_html(doc), render_markdown(doc)
+    assert "<title>&lt;h1&gt;</title>" in html_text and "<li>&lt;i&gt;x&lt;/i&gt;</li>" in html_text
+    assert "<p>&lt;p&gt;</p>" in html_text and '<tr class="marked"><td>&lt;td&gt;|</td></tr>' in html_text
+    assert markdown.startswith("# &lt;h1&gt;\n") and "- \\`code\\` \\*em\\* \\[link\\](u)" in markdown
+    assert "\n&lt;p&gt;\n" in markdown and "| &lt;td&gt;\\| |" in markdown
+
+
+def test_every_html_page_shares_one_layout(report, tmp_path):
+    *_, paths = report
+    page = write_results_page(tmp_path, {"audit_loop": {"m": {"clean_accuracy": 1.0, "asr": 0.0}}}, [])["html"]
+
+    def style(path):
+        text = path.read_text()
+        return text[text.index("<style>"):text.index("</style>")]
+
+    assert style(paths["html"]) == style(page) and "tr.marked td" in style(page)
 
 
 def test_report_without_ground_truth_or_loop(tmp_path):
@@ -196,7 +242,7 @@ def test_a_failed_figure_leaves_no_report(tmp_path, monkeypatch):
         raise RuntimeError("plot failed")
 
     summary, scores, images = planted()
-    monkeypatch.setattr(robustdata.report.documents, "_suspicious_figure", broken)
+    monkeypatch.setattr(robustdata.report.figures, "suspicious_figure", broken)
     with pytest.raises(RuntimeError, match="plot failed"):
         write_audit_report(tmp_path, summary, scores, images)
     assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.html").exists()
@@ -213,3 +259,96 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(RobustDataError, match="2 class names"):
         write_audit_report(tmp_path, summary, scores, images, classes=["a", "b"])
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One way to print a number, in every report
+
+
+def test_formatters():
+    assert percent(0.99313) == "99.31%" and percent(0.0) == "0.00%" and percent(None) == "–"
+    assert number(0.95556, ".4f") == "0.9556" and number(None, "d") == "–"
+    assert mean_std({"mean": 0.9485, "std": 0.0031, "n": 3}) == "94.8 ± 0.3"
+    assert mean_std({"mean": 0.9485, "std": 0.0031, "n": 3}, unit="%") == "94.8 ± 0.3%"
+    assert mean_std({"mean": 0.95, "std": 0.0, "n": 1}) == "95.0 (n=1)"  # one seed: no spread to show
+    assert mean_std({"mean": 0.95, "std": 0.0, "n": 1}, unit="%") == "95.0% (n=1)"
+    assert mean_std(None) == "–"
+
+
+def stats(mean: float, std: float, n: int) -> dict:
+    return {"mean": mean, "std": std, "n": n}
+
+
+def robustify_results(n: int) -> dict:
+    """Two datasets evaluated over n seeds, under one attack."""
+    std = 0.0 if n == 1 else 0.012
+    runs = [{"seed": s, "lr": 0.1, "model": f"m{s}", "clean_accuracy": 0.95, "robust": {"linf_0.1": 0.765}}
+            for s in range(n)]
+    return {kind: {"clean_accuracy": stats(mean, std, n), "robust": {"linf_0.1": stats(0.765 + d, std, n)},
+                   "runs": runs} for kind, mean, d in (("original", 0.9485, 0.0), ("rand", 0.803, -0.62))}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_robustify_report_and_results_page_print_seeds_the_same_way(tmp_path, n):
+    results = robustify_results(n)
+    paths = write_report(tmp_path / "robustify", results, {}, {})
+    summary = {"results": results}
+    page = write_results_page(tmp_path / "site", {"robustify": summary}, [])
+    report_md, page_md = paths["markdown"].read_text(), page["markdown"].read_text()
+    if n == 1:
+        expected = {"D": ["94.8 (n=1)", "76.5 (n=1)"], "D_rand": ["80.3 (n=1)", "14.5 (n=1)"]}
+        assert "D_rand: 80.3% (n=1) on the original test set" in report_md
+    else:
+        expected = {"D": ["94.8 ± 1.2", "76.5 ± 1.2"], "D_rand": ["80.3 ± 1.2", "14.5 ± 1.2"]}
+        assert "D_rand: 80.3 ± 1.2% on the original test set" in report_md
+    report_rows, page_rows = markdown_rows(report_md), markdown_rows(page_md)
+    assert report_rows["trained on"] == ["seeds", "lr", "clean %", "linf eps 0.1 %", "paper CIFAR-10 clean",
+                                         "paper robust (L2 0.25)"]
+    for name, cells in expected.items():
+        assert report_rows[name][:4] == [str(n), "0.1", *cells] and page_rows[name] == [str(n), *cells]
+    for text in (report_md, page_md, paths["html"].read_text(), page["html"].read_text()):
+        assert "± 0.0" not in text
+
+
+EVALUATION = [{"model": "models/standard", "arch": "small_cnn", "trained_adversarially": False,
+               "clean": {"accuracy": 0.9939, "per_class": [0.998, 0.9892]},
+               "robust": [{"threat": "linf", "eps": 0.3, "steps": 50, "restarts": 2, "accuracy": 0.0, "n": 200}]},
+              {"model": "models/<robust>", "arch": "small_cnn", "trained_adversarially": True,
+               "clean": {"accuracy": 0.9615, "per_class": [0.9918, 0.9495]},
+               "robust": [{"threat": "linf", "eps": 0.3, "steps": 50, "restarts": 2, "accuracy": 0.775, "n": 200}]}]
+
+
+def test_evaluation_summary_keeps_its_numbers_and_tables():
+    assert evaluation_markdown(EVALUATION) == (
+        "# Evaluation\n\n"
+        "| model | arch | adversarially trained | clean accuracy | linf eps 0.3 (PGD-50 x2) |\n|---|---|---|---|---|\n"
+        "| standard | small_cnn | no | 99.39% | 0.00% (n=200) |\n"
+        "| &lt;robust&gt; | small_cnn | yes | 96.15% | 77.50% (n=200) |\n\n"
+        "Robust accuracy is measured on the first n test images; clean accuracy on all of them.\n\n"
+        "## Per-class clean accuracy\n\n| model | 0 | 1 |\n|---|---|---|\n"
+        "| standard | 99.80% | 98.92% |\n| &lt;robust&gt; | 99.18% | 94.95% |\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefect table artifacts: flat rows of numbers, not rendered text
+
+
+def test_artifact_rows_are_flat_numbers():
+    assert evaluation_rows(EVALUATION)[1] == {"model": "<robust>", "arch": "small_cnn",
+                                              "adversarially_trained": True, "clean_accuracy": 0.9615,
+                                              "robust_linf_0.3": 0.775}
+    runs = robustify_results(2)["original"]["runs"]
+    assert run_rows(runs) == [{"seed": s, "lr": 0.1, "model": f"m{s}", "clean_accuracy": 0.95,
+                               "robust_linf_0.1": 0.765} for s in (0, 1)]
+    metrics = {"rand": {"clean_accuracy": 0.8}, "original": {"clean_accuracy": 0.95, "robust_linf_0.1": 0.7}}
+    assert metric_rows(metrics) == [{"dataset": "D", "clean_accuracy": 0.95, "robust_linf_0.1": 0.7},
+                                    {"dataset": "D_rand", "clean_accuracy": 0.8}]
+
+
+def test_report_functions_are_short():
+    """DESIGN.md section 6: short functions; none in the report library runs past 60 lines."""
+    package = Path(robustdata.report.__file__).parent
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(package.glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long

@@ -3,6 +3,7 @@ a killed build resumes to the same bytes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from robustdata.robustify.builders import (StepConfig, average_pool_gradients, b
                                   invert_representation, other_indices, relative_distance, smooth_relu_gradients,
                                   target_labels, targeted_perturbation)
 from robustdata.train.training import predict, save_checkpoint, seeded_model, train_model
-from robustdata.tasks.robustify import step_config
+from robustdata.robustify.recipe import step_config
 from conftest import markdown_rows, random_samples, tree_digest
 
 
@@ -204,10 +205,21 @@ def test_builders_restore_the_model_state(mnist):
     model.eval()
 
 
-def test_robust_model_gradients_are_the_caller_device(mnist):
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_robust_model_gradients_are_on_the_caller_device(mnist, device):
+    """The gradients come back on the device of the caller's model and images, and equal the CPU's. "meta"
+    stands in for an accelerator on a machine without one: a tensor made on or moved to the CPU on the way
+    (a stray .cpu(), a default-device torch.zeros) either lands on the wrong device or cannot be computed."""
     _, train, model = mnist
-    grad = input_gradients(model, floats(train.images[:4]), train.labels[:4])
-    assert grad.shape == (4, 1, 28, 28) and grad.abs().sum() > 0
+    x, y = floats(train.images[:4]), train.labels[:4]
+    on_device = copy.deepcopy(model).to(device)
+    grad = input_gradients(on_device, x.to(device), y.to(device))
+    assert grad.device == torch.device(device) or (device == "cuda" and grad.device.type == "cuda")
+    assert grad.shape == (4, 1, 28, 28) and grad.dtype == torch.float32
+    if device != "meta":  # meta tensors have shapes and devices, no values
+        reference = input_gradients(model, x, y)
+        assert reference.abs().sum() > 0
+        torch.testing.assert_close(grad.cpu(), reference, rtol=1e-3, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- resumable builds
@@ -230,7 +242,8 @@ def test_partial_build_reuses_finished_shards_and_redoes_a_torn_one(tmp_path):
     assert prepare(other) == [0, 1, 2]  # other params: nothing is reused
     for i, chunk in enumerate((samples[:10], samples[10:20], samples[20:])):
         write_built_shard(other, i, chunk)
-    card = finish(other, {"name": "t", "classes": ["0", "1", "2"], "image_shape": [8, 8, 1]})
+    card = finish(other, {"name": "t", "classes": ["0", "1", "2"], "image_shape": [8, 8, 1], "inputs": {},
+                          "params": {"a": 2}, "built_by": {"stage": "test"}})
     assert card["num_samples"] == 25 and not other.work.exists()
     dataset = open_dataset(tmp_path / "out" / "train")
     assert [s["name"] for s in dataset.card["shards"]] == [f"shard-00000{i}.tar" for i in range(3)]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from robustdata.train.attacks import Linf, PGDConfig, fgsm_rs
+from robustdata.train.attacks import Linf, PGDConfig, fgsm_rs, pgd_attack
 from robustdata.config import TrainParams
 from robustdata.data.ingest import ingest_split
 from robustdata.data.memory import load_in_memory
@@ -13,7 +13,7 @@ from robustdata.data.sources import MnistMirror
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import sha256_file
 from robustdata.train.training import (
-    accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model,
+    accuracy_report, adversarial_predict, load_checkpoint, predict, save_checkpoint, seeded_model, subset,
     train_model,
 )
 
@@ -57,11 +57,43 @@ def test_robust_accuracy_is_below_clean(mnist_subsets):
     assert robust <= clean and robust < 0.5  # a standard model is not robust at eps 0.3
 
 
-def test_fgsm_training_runs_and_restores_nothing_it_should_not(mnist_subsets):
+@pytest.mark.parametrize("method", ["fgsm_rs", "pgd"])
+def test_adversarial_training_restores_the_models_mode_and_draws_only_from_its_generators(mnist_subsets, method):
+    """Anything that changes state restores it (DESIGN.md section 6): FGSM runs in the mode training gives it
+    (train); PGD attacks in eval mode and hands the model back in train mode, with its parameters still
+    trainable. Randomness comes from the explicit generators: the global stream is left as it was."""
     train, _ = mnist_subsets
-    g = torch.Generator().manual_seed(0)
-    model, history = train_small(train, adversary=lambda m, x, y: fgsm_rs(m, x, y, 0.3, 0.375, g))
-    assert len(history) == 1 and history[0]["loss"] > 0
+    train = subset(train, 512)
+    eps, attack_stream = 0.3, torch.Generator().manual_seed(0)
+    pgd = PGDConfig(Linf(eps), steps=3, step_size=0.1)
+    inner = {"fgsm_rs": lambda m, x, y: fgsm_rs(m, x, y, eps, 0.375, attack_stream),
+             "pgd": lambda m, x, y: pgd_attack(m, x, y, pgd, generator=attack_stream)}[method]
+    calls = []
+
+    def adversary(model, x, y):
+        modes = []  # the mode of every forward pass inside the attack
+        hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        try:
+            x_adv = inner(model, x, y)
+        finally:
+            hook.remove()
+        calls.append({"inside": set(modes), "after": model.training,
+                      "trainable": all(p.requires_grad for p in model.parameters()),
+                      "in_ball": bool(((x_adv - x).abs() <= eps + 1e-6).all()),
+                      "in_cube": bool((x_adv >= 0).all() and (x_adv <= 1).all()), "moved": not torch.equal(x_adv, x)})
+        return x_adv
+
+    global_rng, attack_rng = torch.get_rng_state(), attack_stream.get_state()
+    model, history = train_small(train, adversary=adversary)
+    assert torch.equal(torch.get_rng_state(), global_rng), "training drew from the global random stream"
+    assert not torch.equal(attack_stream.get_state(), attack_rng), "the attack did not draw from its generator"
+    assert len(calls) == 8 and len(history) == 1 and history[0]["loss"] > 0
+    expected_inside = {True} if method == "fgsm_rs" else {False}
+    for call in calls:
+        assert call["inside"] == expected_inside, call
+        assert call["after"] is True and call["trainable"], call  # what the next training step needs
+        assert call["in_ball"] and call["in_cube"] and call["moved"], call
+    assert not model.training  # train_model hands back a model ready for inference
 
 
 def test_checkpoint_round_trip(mnist_subsets, tmp_path):

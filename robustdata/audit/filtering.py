@@ -127,7 +127,7 @@ def nearest_other_class_distance(inputs: torch.Tensor, labels: torch.Tensor, num
 def nearest_other_centroid(inputs: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                            present: torch.Tensor) -> torch.Tensor:
     """(B,) distance from each input (B, P) to the nearest of `centroids` (C, P) that is not its class's
-    and whose class is `present` (C,) bool; inf when there is none. Works batch by batch (stream.py)."""
+    and whose class is `present` (C,) bool; inf when there is none. Works batch by batch (streaming.py)."""
     # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix product instead of cdist's pairwise loop
     squared = (inputs ** 2).sum(1, keepdim=True) - 2 * inputs @ centroids.T + (centroids ** 2).sum(1)
     distance = squared.clamp_min(0).sqrt()

@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
+from robustdata.data.memory import InMemoryDataset
+from robustdata.train.training import predict
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
@@ -91,3 +95,14 @@ def detection_metrics(scores: torch.Tensor, flagged: torch.Tensor, positive: tor
                           "auroc": auroc(scores[mask], positive[mask]),
                           "auprc": auprc(scores[mask], positive[mask])})
     return {"overall": overall, "per_class": per_class}
+
+
+def clean_accuracy(model: nn.Module, test: InMemoryDataset) -> float:
+    """Fraction of `test` classified as labelled."""
+    return float((predict(model, test.images).cpu() == test.labels).float().mean())
+
+
+def attack_success_rate(model: nn.Module, triggered: InMemoryDataset) -> float:
+    """Fraction of triggered test images (true class != target, labelled with the target) classified as the
+    target: the clean accuracy on the triggered set."""
+    return clean_accuracy(model, triggered)

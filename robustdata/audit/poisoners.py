@@ -13,10 +13,11 @@ Images are uint8 (N, C, H, W) tensors throughout; pixel values 0..255.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from robustdata.config import PoisonParams
 from robustdata.errors import RobustDataError
 
 TriggerKind = Literal["square", "pixel", "pattern", "blend"]
@@ -179,3 +180,18 @@ def triggered_test_set(images: torch.Tensor, labels: torch.Tensor, attack: Attac
     keep = attack.eligible(labels)
     triggered = apply_trigger(images[keep], attack.trigger)
     return triggered, torch.full_like(labels[keep], attack.target), labels[keep]
+
+
+def attack_from(params: PoisonParams) -> Attack:
+    """The attack a `poison` params section describes."""
+    return Attack(Trigger(**params.trigger.model_dump()), target=params.target, source=params.source,
+                  rate=params.rate, count=params.count)
+
+
+def lineage_rows(keys: list[str], true_labels: torch.Tensor, is_poison: torch.Tensor, trigger_id: str
+                 ) -> list[dict[str, Any]]:
+    """Manifest rows of a poisoned set: each sample's origin, true label and ground truth (the trigger of
+    its poison, if it is one)."""
+    return [{"key": key, "origin_key": key, "source_label": int(true), "is_poison": bool(flag),
+             "trigger": trigger_id if flag else None}
+            for key, true, flag in zip(keys, true_labels.tolist(), is_poison.tolist())]

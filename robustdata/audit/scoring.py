@@ -10,9 +10,9 @@ Two modes:
   accuracy after retraining; "poisoned" leaves clean classes whole.
   spectre and spectral remove their highest scores, as the papers do. The
   filter removes, in this order: its poison side (by score), then the clean
-  side's outliers toward the poisons (score above SUSPICIOUS_Z robust sd), then
-  fills what is left of the budget with a seeded uniform draw from the rest of
-  the class. Why not simply by score: once the poisons are out, the 1-D score
+  side's outliers toward the poisons (score above SUSPICIOUS_Z robust sd,
+  methods/filter.py), then fills what is left of the budget with a seeded
+  uniform draw from the rest of the class. Why not simply by score: once the poisons are out, the 1-D score
   orders *typical* clean samples by one direction, and removing its top cuts a
   whole writing style out of the class. At 10% all-to-one on MNIST the budget
   takes 2,500 of the 4,932 clean zeros; by score, the retrained model's class-0
@@ -36,9 +36,12 @@ part in calibrating the poisoned-class threshold. Non-finite features are an
 input error (NonFiniteFeaturesError) that names how many samples, of which
 classes, and the first indices.
 
-The per-class decisions (audit_classes) read each class's principal
-coordinates only, so the in-memory audit (run_audit, features (N, D) in memory)
-and the streaming one (stream.py, O(N q + classes D^2) memory) share them.
+Each method (filter, spectre, spectral, clustering, ...) is one object in the
+registry of robustdata/audit/methods/, with one small interface (methods/base.py);
+audit_classes runs the ones asked for on each class. The per-class decisions
+read each class's principal coordinates only, so the in-memory audit (run_audit,
+features (N, D) in memory) and the streaming one (streaming.py, O(N q + classes D^2)
+memory) share them.
 Pure compute: tensors in, tensors out, on the device of `features`.
 """
 
@@ -51,17 +54,16 @@ from typing import Any, Callable
 
 import torch
 
-from robustdata.audit.clustering import DIMS as CLUSTER_DIMS, activation_clustering
-from robustdata.audit.filtering import (KAPPA, best_split, nearest_other_class_distance, oriented_scores,
-                                            poison_side, poisoned_classes)
-from robustdata.audit.spectral import ClassPCA, class_pca, spectral_signature_scores
-from robustdata.audit.spectre import spectre_scores
+from robustdata.audit.clustering import DIMS as CLUSTER_DIMS
+from robustdata.audit.filtering import KAPPA, best_split, nearest_other_class_distance, poison_side, poisoned_classes
+from robustdata.audit.methods import registry
+from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method
+from robustdata.audit.spectral import ClassPCA, class_pca
 from robustdata.errors import RobustDataError
 
-METHODS = ("filter", "spectre", "spectral", "clustering")
+METHODS = tuple(registry())  # every audit method (robustdata/audit/methods/), in the order they run
 EPS_SCOPES = ("poisoned", "all")
 BUDGET_FACTOR = 1.5
-SUSPICIOUS_Z = 3.0  # filter score (robust sd from the clean side's median) beyond which a clean-side sample is ranked
 MIN_SAMPLES = 4     # fewer cannot be split in two and whitened: nothing can be said about the class
 # The filter whitens up to filter_rank principal coordinates; with few samples per dimension a clean class
 # splits "perfectly". Best-split separation of clean Gaussian classes (64 dims, filter_rank 16, 12 seeds):
@@ -125,9 +127,10 @@ def non_finite_rows(features: torch.Tensor, chunk: int = 1 << 16) -> torch.Tenso
 
 
 def check_options(methods: tuple[str, ...], removal_method: str, eps: float | None, eps_scope: str) -> None:
-    unknown = [m for m in (*methods, removal_method) if m not in METHODS]
+    valid = registry()
+    unknown = [m for m in (*methods, removal_method) if m not in valid]
     if unknown:
-        raise RobustDataError(f"unknown audit method(s) {unknown}; valid: {list(METHODS)}")
+        raise RobustDataError(f"unknown audit method(s) {unknown}; valid: {list(valid)}")
     if removal_method not in methods:
         raise RobustDataError(f"the removal method {removal_method!r} must be one of the methods run {list(methods)}")
     if eps_scope not in EPS_SCOPES:
@@ -173,28 +176,19 @@ def is_constant(total_variance: float, mean: torch.Tensor) -> bool:
     return total_variance <= CONSTANT_RTOL ** 2 * magnitude
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[scores.topk(min(k, len(scores))).indices] = True
-    return mask
+def selected_methods(methods: tuple[str, ...]) -> dict[str, Method]:
+    """The registered methods named in `methods`, in the registry's order: the order they run on each class,
+    whatever the order asked for, so the draws from the shared generator do not depend on it."""
+    return {name: method for name, method in registry().items() if name in methods}
 
 
-def filter_budget_mask(scores: torch.Tensor, poison_side: torch.Tensor, budget: int,
-                       generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """(removed mask, how many were drawn at random) for one class: the poison side and the clean
-    side's outliers by score, the rest of the budget uniformly from the typical samples (module docstring)."""
-    ranked = poison_side | (scores > SUSPICIOUS_Z)
-    # typical samples get priorities in (-2, -1), below every ranked one (scores there exceed SUSPICIOUS_Z > 0)
-    typical = torch.rand(len(scores), generator=generator, device=generator.device).to(scores) - 2.0
-    priority = torch.where(ranked, scores.clamp_min(0.0), typical)
-    removed = top_k_mask(priority, budget)
-    return removed, int((removed & ~ranked).sum())
-
-
-def pca_rank(methods: tuple[str, ...], rank: int, filter_rank: int, spectral_k: int) -> int:
-    """Principal directions each class needs: only SPECTRE reads beyond the filter's and clustering's few."""
-    return max(filter_rank, CLUSTER_DIMS, spectral_k, rank if "spectre" in methods else 0)
+def pca_rank(methods: tuple[str, ...], options: AuditOptions) -> int:
+    """Principal directions each class needs: the filter's split reads filter_rank and CLUSTER_DIMS (its 2-means
+    direction) in every audit, each method run its own (only SPECTRE reads beyond those few). spectral_k counts
+    even when spectral signatures do not run, as it always has: q sets the width of the randomized PCA's sketch,
+    and so every draw from the generator after it."""
+    return max(options.filter_rank, CLUSTER_DIMS, options.spectral_k,
+               *(method.coordinates(options) for method in selected_methods(methods).values()))
 
 
 def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -205,25 +199,31 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
 
     features: (N, D) representations of the audited model; inputs: (N, P) the
     images flattened in [0, 1] (only used to tell which side of a split is the
-    poison); labels: (N,) int64; eps: see the module docstring.
+    poison); labels: (N,) int64; eps: see the module docstring; methods: names
+    in the registry (robustdata/audit/methods/).
     Raises NonFiniteFeaturesError when some features are NaN or inf.
     """
     check_inputs(features, inputs, labels, num_classes, methods, removal_method, eps, eps_scope)
     start = time.perf_counter()
+    options = AuditOptions(eps=eps, eps_scope=eps_scope, rank=rank, filter_rank=filter_rank, spectral_k=spectral_k,
+                           kappa=kappa)
     nearest_other = nearest_other_class_distance(inputs.float(), labels, num_classes)
-    q = pca_rank(methods, rank, filter_rank, spectral_k)
+    q = pca_rank(methods, options)
     counts = torch.bincount(labels, minlength=num_classes).tolist()
     scores, flagged, per_class, threshold = audit_classes(
-        lambda label: class_pca(features, labels, label, q, generator), counts, nearest_other, eps=eps,
-        methods=methods, filter_rank=filter_rank, spectral_k=spectral_k, kappa=kappa, eps_scope=eps_scope,
-        removal_method=removal_method, generator=generator)
+        lambda label: class_pca(features, labels, label, q, generator), counts, nearest_other, methods=methods,
+        removal_method=removal_method, options=options, generator=generator)
     seconds = {"scoring": time.perf_counter() - start}
     return AuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds)
 
 
+# ------------------------------------------------------------------------------------- per-class decisions
+
+Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # a scored class's (index, side, coords) for pass 2
+
+
 def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_other: torch.Tensor, *,
-                  eps: float | None, methods: tuple[str, ...], removal_method: str, filter_rank: int,
-                  spectral_k: int, kappa: float, eps_scope: str, generator: torch.Generator
+                  methods: tuple[str, ...], removal_method: str, options: AuditOptions, generator: torch.Generator
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]], float | None]:
     """(scores, flagged, per-class entries, threshold): every per-class decision of the audit.
 
@@ -231,47 +231,77 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
     once per class with at least min_samples(filter_rank) samples, in label order, so a lazily computed PCA
     draws from `generator` in the same order as the per-class steps. counts: samples per class;
     nearest_other: (N,) input-space distance of each sample to the nearest other class's centroid.
+    Pass 1 scores each class with every method (Method.score), the audit then judges which classes are
+    poisoned (filtering.poisoned_classes), and pass 2 scores what needs that verdict and flags
+    (Method.rescore, Method.flag): robustdata/audit/methods/base.py.
     """
+    selected = selected_methods(methods)
     n_total, device = len(nearest_other), nearest_other.device
     scores = {m: torch.zeros(n_total, dtype=torch.float64, device=device) for m in methods}
     flagged = {m: torch.zeros(n_total, dtype=torch.bool, device=device) for m in methods}
-    per_class, kept, sides = [], {}, {}
-    need = min_samples(filter_rank)
+    keep_coords = any(method.keeps_coordinates for method in selected.values())
+    per_class: list[dict[str, Any]] = []
+    kept: dict[int, Kept] = {}
     for label, count in enumerate(counts):
         entry: dict[str, Any] = {"label": label, "n": count}
         per_class.append(entry)
-        status = size_status(count, need)
-        if status is None:
-            pca = pca_of(label)
-            status = STATUS_CONSTANT if is_constant(pca.total_variance, pca.mean) else STATUS_OK
-        if status != STATUS_OK:
-            entry.update(status=status, statistic=None)
-            continue
-        split = best_split(pca.coords[:, :filter_rank], generator)
-        side = poison_side(split, nearest_other[pca.index])
-        class_scores, class_flags = {}, {}
-        if "filter" in methods:
-            class_scores["filter"] = oriented_scores(split, side)
-        if "spectral" in methods:
-            class_scores["spectral"] = spectral_signature_scores(pca, spectral_k)
-        if "clustering" in methods:
-            ac_scores, class_flags["clustering"], _ = activation_clustering(pca.coords.float(), generator)
-            class_scores["clustering"] = ac_scores.double()
-        failed = [m for m, s in class_scores.items() if not torch.isfinite(s).all()]
-        if not math.isfinite(split.separation):
-            failed.insert(0, "split")
-        if failed:  # a bug or an extreme input; reported, never written as NaN
-            entry.update(status=f"numerical_failure ({', '.join(failed)} not finite)", statistic=None)
-            continue
-        for method, values in class_scores.items():
-            scores[method][pca.index] = values
-        for method, values in class_flags.items():
-            flagged[method][pca.index] = values
-        # only the index (and SPECTRE's coordinates) outlive this step: O(n q) memory, not O(n D)
-        kept[label] = (pca.index, pca.coords if "spectre" in methods else None)
-        sides[label] = side
-        entry.update(status=STATUS_OK, statistic=split.separation, direction=split.direction,
-                     side_size=int(side.sum()))
+        view = class_view(label, count, pca_of, nearest_other, entry, options, generator)
+        if view is not None and score_class(view, selected, scores, flagged, entry, options, generator):
+            # only the index, the side (and kept coordinates) outlive this step: O(n q) memory, not O(n D)
+            kept[view.label] = (view.pca.index, view.side, view.pca.coords if keep_coords else None)
+    threshold = judge_classes(per_class, options.kappa)
+    for entry in per_class:
+        state = kept.get(entry["label"])
+        flag_class(entry, state, selected, scores, flagged, options, generator)
+        entry["flagged"] = 0 if state is None else int(flagged[removal_method][state[0]].sum())
+    return scores, flagged, per_class, threshold
+
+
+def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], nearest_other: torch.Tensor,
+               entry: dict[str, Any], options: AuditOptions, generator: torch.Generator) -> ClassView | None:
+    """The class as the methods see it (its PCA, best split and poison side), or None when it cannot be
+    scored (too few samples, constant features): then its status is in `entry`."""
+    status = size_status(count, min_samples(options.filter_rank))
+    if status is None:
+        pca = pca_of(label)
+        status = STATUS_CONSTANT if is_constant(pca.total_variance, pca.mean) else STATUS_OK
+    if status != STATUS_OK:
+        entry.update(status=status, statistic=None)
+        return None
+    split = best_split(pca.coords[:, :options.filter_rank], generator)
+    return ClassView(label, pca, split, poison_side(split, nearest_other[pca.index]))
+
+
+def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, torch.Tensor],
+                flagged: dict[str, torch.Tensor], entry: dict[str, Any], options: AuditOptions,
+                generator: torch.Generator) -> bool:
+    """Pass 1 for one class: every method's scores (and own flags) written, or, when a method's scores or the
+    split are not finite, none and the class marked numerical_failure. Whether the class was scored."""
+    results = {}
+    for name, method in selected.items():
+        result = method.score(view, options, generator)
+        if result is not None:
+            results[name] = result
+    failed = [name for name, result in results.items() if not torch.isfinite(result.scores).all()]
+    if not math.isfinite(view.split.separation):
+        failed.insert(0, "split")
+    if failed:  # a bug or an extreme input; reported, never written as NaN
+        entry.update(status=f"numerical_failure ({', '.join(failed)} not finite)", statistic=None)
+        return False
+    for name, result in results.items():
+        scores[name][view.pca.index] = result.scores
+        if result.flags is not None:
+            flagged[name][view.pca.index] = result.flags
+    entry.update(status=STATUS_OK, statistic=view.split.separation, direction=view.split.direction,
+                 side_size=int(view.side.sum()))
+    for result in results.values():
+        entry.update(result.info)
+    return True
+
+
+def judge_classes(per_class: list[dict[str, Any]], kappa: float) -> float | None:
+    """Mark each entry poisoned or not, with the threshold and the estimated poisons; the threshold
+    (None when no class was scored)."""
     scored = [c for c in per_class if c["statistic"] is not None]
     if scored:
         poisoned, threshold = poisoned_classes(torch.tensor([c["statistic"] for c in scored]),
@@ -283,38 +313,47 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
         entry["poisoned"] = next(poisoned_iter) if entry["statistic"] is not None else False
         entry["threshold"] = threshold
         entry["estimated_poisons"] = entry.get("side_size", 0) if entry["poisoned"] else 0
-        label = entry["label"]
-        if label not in kept:
-            entry["budget"] = 0
-            entry["flagged"] = 0
+    return threshold
+
+
+def class_budget(entry: dict[str, Any], options: AuditOptions) -> tuple[float, int]:
+    """(the class's poisoned fraction: eps, or the estimate; how many samples a budgeted method removes)."""
+    eps = options.eps
+    fraction = eps if eps is not None else entry["estimated_poisons"] / entry["n"]
+    expected = eps * entry["n"] if eps is not None else entry["estimated_poisons"]
+    if eps is not None and options.eps_scope == "poisoned" and not entry["poisoned"]:
+        expected = 0.0
+    # the tolerance keeps float noise (1.5 * 0.1 * 1000 = 150.00000000000003) from adding a sample
+    return fraction, min(entry["n"], math.ceil(BUDGET_FACTOR * expected - 1e-9))
+
+
+def flag_class(entry: dict[str, Any], kept: Kept | None, selected: dict[str, Method],
+               scores: dict[str, torch.Tensor], flagged: dict[str, torch.Tensor], options: AuditOptions,
+               generator: torch.Generator) -> None:
+    """Pass 2 for one class: its budget, the scores that need the verdict, and every method's flags."""
+    if kept is None:
+        entry["budget"] = 0
+        return
+    index, side, coords = kept
+    fraction, entry["budget"] = class_budget(entry, options)
+    verdict = ClassVerdict(entry["label"], index, side, coords, entry["poisoned"], fraction, entry["budget"])
+    failed = []
+    for name, method in selected.items():
+        result = method.rescore(verdict, options, generator)
+        if result is None:
             continue
-        index, coords = kept[label]
-        class_eps = eps if eps is not None else entry["estimated_poisons"] / entry["n"]
-        expected = eps * entry["n"] if eps is not None else entry["estimated_poisons"]
-        if eps is not None and eps_scope == "poisoned" and not entry["poisoned"]:
-            expected = 0.0
-        # the tolerance keeps float noise (1.5 * 0.1 * 1000 = 150.00000000000003) from adding a sample
-        entry["budget"] = min(entry["n"], math.ceil(BUDGET_FACTOR * expected - 1e-9))
-        if "spectre" in methods:
-            spectre, info = spectre_scores(coords, class_eps if class_eps > 0 else 0.05)
-            if torch.isfinite(spectre).all():
-                scores["spectre"][index] = spectre
-                entry["spectre_rank"] = info["rank"]
-            else:  # left at 0 and unflagged below; the class's other methods stand
-                entry["status"] = "numerical_failure (spectre not finite)"
-        for method in ("filter", "spectre", "spectral"):
-            if method not in methods:
-                continue
-            if method == "spectre" and "spectre_rank" not in entry:
-                flags = torch.zeros_like(sides[label])
-            elif method == "filter" and eps is None:
-                flags = sides[label] if entry["poisoned"] else torch.zeros_like(sides[label])
-            elif method == "filter":
-                flags, entry["filled_at_random"] = filter_budget_mask(
-                    scores["filter"][index], sides[label] if entry["poisoned"] else torch.zeros_like(sides[label]),
-                    entry["budget"], generator)
-            else:
-                flags = top_k_mask(scores[method][index], entry["budget"])
-            flagged[method][index] = flags
-        entry["flagged"] = int(flagged[removal_method][index].sum())
-    return scores, flagged, per_class, threshold
+        if torch.isfinite(result.scores).all():
+            scores[name][index] = result.scores
+            entry.update(result.info)
+        else:  # left at 0 and unflagged below; the class's other methods stand
+            failed.append(name)
+            scores[name][index] = 0.0
+    if failed:
+        entry["status"] = f"numerical_failure ({', '.join(failed)} not finite)"
+    for name, method in selected.items():
+        result = None if name in failed else method.flag(verdict, scores[name][index], options, generator)
+        if result is not None:
+            flagged[name][index] = result.flags
+            entry.update(result.info)
+        elif name in failed:
+            flagged[name][index] = False

@@ -9,7 +9,7 @@ which ranks by distance from the origin rather than from the class mean.)
 All the audit methods start from the same per-class PCA, computed once with a
 seeded randomized range finder (Halko, Martinsson, Tropp 2011): a full
 covariance of 1024-3136-dim features costs more than the inference pass the
-features came from. (The streaming audit, stream.py, builds the same
+features came from. (The streaming audit, streaming.py, builds the same
 ClassPCA from an exact eigendecomposition of an accumulated covariance.)
 """
 

@@ -1,4 +1,4 @@
-"""Streaming audit: the audit of run.py in O(N q + classes D^2) memory instead of O(N D).
+"""Streaming audit: the audit of scoring.py in O(N q + classes D^2) memory instead of O(N D).
 
 run_audit needs every representation (N, D) in memory: 4 GB for 1M samples of
 a 1024-dim layer. The per-class decisions only read each class's top-q
@@ -15,12 +15,13 @@ computes those from a stream of image batches in two passes:
    directions (float32) and its input-space distance to the nearest other
    class's centroid.
 
-Then run.audit_classes makes exactly the per-class decisions of run_audit on
+Then scoring.audit_classes makes exactly the per-class decisions of run_audit on
 those coordinates. Results agree with run_audit up to the PCA (exact here,
 randomized there) and the generator draws that follow from it: the same
 classes judged poisoned and nearly the same flags.
 
-SPECTRE runs only when asked for (it is left out of STREAM_METHODS): it reads
+STREAM_METHODS are the registered methods with streams_by_default. SPECTRE
+runs only when asked for (it is left out of them): it reads
 `rank` (64) coordinates per sample instead of 16, so N * rank floats. Memory:
 classes * D^2 * 8 bytes of scatter matrices (10 classes at D = 1024: 80 MB;
 too much for 1000 classes of a 2048-dim layer), N * (4 q + 40) bytes of
@@ -47,17 +48,19 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from robustdata.progress import progress_bar
 
 from robustdata.train.attacks import evaluating
 from robustdata.audit.filtering import KAPPA, nearest_other_centroid
+from robustdata.audit.methods import registry
+from robustdata.audit.methods.base import AuditOptions
 from robustdata.audit.scoring import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
                                       min_samples, pca_rank, size_status)
 from robustdata.audit.spectral import ClassPCA
 from robustdata.errors import RobustDataError
 from robustdata.train.models import representation
 
-STREAM_METHODS = ("filter", "spectral", "clustering")
+STREAM_METHODS = tuple(name for name, method in registry().items() if method.streams_by_default)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -85,7 +88,7 @@ def stream_audit(model: nn.Module, batches: Batches | Callable[[], Batches], num
                  removal_method: str = "filter", rank: int = 64, filter_rank: int = 16, spectral_k: int = 1,
                  kappa: float = KAPPA, eps_scope: str = "poisoned", generator: torch.Generator,
                  progress: bool = False) -> StreamAuditResult:
-    """Audit a stream of image batches through `model`'s `layer` (options as run.run_audit).
+    """Audit a stream of image batches through `model`'s `layer` (options as scoring.run_audit).
 
     Raises NonFiniteFeaturesError (after the first pass, naming the samples) when some features are NaN/inf,
     RobustDataError for a malformed stream or one that changes between its two passes.
@@ -96,7 +99,9 @@ def stream_audit(model: nn.Module, batches: Batches | Callable[[], Batches], num
     if generator.device.type != device.type:
         raise RobustDataError(f"the generator is on {generator.device} but the model on {device}: "
                               "create it with torch.Generator(device=...)")
-    q = pca_rank(methods, rank, filter_rank, spectral_k)
+    options = AuditOptions(eps=eps, eps_scope=eps_scope, rank=rank, filter_rank=filter_rank, spectral_k=spectral_k,
+                           kappa=kappa)
+    q = pca_rank(methods, options)
     seconds: dict[str, float] = {}
     with evaluating(model), torch.no_grad():
         start = time.perf_counter()
@@ -127,8 +132,8 @@ def stream_audit(model: nn.Module, batches: Batches | Callable[[], Batches], num
                         directions * sign, total_variance)
 
     scores, flagged, per_class, threshold = audit_classes(
-        pca_of, moments.counts, nearest_other, eps=eps, methods=methods, removal_method=removal_method,
-        filter_rank=filter_rank, spectral_k=spectral_k, kappa=kappa, eps_scope=eps_scope, generator=generator)
+        pca_of, moments.counts, nearest_other, methods=methods, removal_method=removal_method, options=options,
+        generator=generator)
     seconds["scoring"] = time.perf_counter() - start
     return StreamAuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds, labels)
 
@@ -148,8 +153,8 @@ def _iterator_factory(batches: Batches | Callable[[], Batches]) -> Callable[[], 
 def _batches(iterator: Iterator, num_classes: int, device: torch.device, desc: str, progress: bool
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images float (B, C, H, W) in [0, 1], labels int64 (B,)) on `device`, validated."""
-    for number, (images, labels) in enumerate(tqdm(iterator, desc=desc, unit="batch", disable=not progress,
-                                                   leave=False)):
+    for number, (images, labels) in enumerate(progress_bar(iterator, desc=desc, unit="batch", disable=not progress,
+                                                           leave=False)):
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.long)
         if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
             raise RobustDataError(f"batch {number}: images {tuple(images.shape)} and labels {tuple(labels.shape)} "

@@ -9,17 +9,17 @@ dataset's manifest hash, the params and the code that built it.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
+from robustdata.progress import progress_bar
 
-from robustdata.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Dataset, manifest_schema, write_card, write_manifest
+from robustdata.data.cards import write_dataset_card
+from robustdata.data.manifest import MANIFEST_NAME, Dataset, manifest_schema, write_manifest
 from robustdata.data.shards import Sample, write_shards
-from robustdata.io import code_version, sha256_file
+from robustdata.io import code_version
 
 # Lineage columns beyond the base manifest schema.
 TRIGGER_FIELD = pa.field("trigger", pa.string())
@@ -52,27 +52,12 @@ def write_derived(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, row
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = tqdm(derived_samples(images, labels, rows), total=len(rows), unit="img",
-                   desc=f"write {name}/{split}", disable=not progress, leave=False)
+    samples = progress_bar(derived_samples(images, labels, rows), total=len(rows), unit="img",
+                           desc=f"write {name}/{split}", disable=not progress, leave=False)
     manifest_rows = write_shards(samples, out_dir, SHARD_SIZE)
     manifest_sha = write_manifest(out_dir / MANIFEST_NAME, manifest_rows, DERIVED_SCHEMA)
-    counts = Counter(int(label) for label in labels.tolist())
-    shard_counts = Counter(row["shard"] for row in manifest_rows)
-    card = {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "split": split,
-        "num_samples": len(manifest_rows),
-        "classes": classes,
-        "counts_per_class": [counts.get(i, 0) for i in range(len(classes))],
-        "image_shape": [images.shape[2], images.shape[3], images.shape[1]],
-        "image_dtype": "uint8",
-        "shards": [{"name": shard, "num_samples": n, "sha256": sha256_file(out_dir / shard)}
-                   for shard, n in sorted(shard_counts.items())],
-        "manifest": {"name": MANIFEST_NAME, "sha256": manifest_sha},
-        "inputs": {"source": str(source.root), "manifest_sha256": source.card["manifest"]["sha256"]},
-        "params": params,
-        "built_by": {"stage": stage, **code_version(), "modules_sha256": module_sha256(*modules)},
-    }
-    write_card(out_dir, card)
-    return card
+    return write_dataset_card(
+        out_dir, manifest_rows, manifest_sha, name=name, split=split, classes=classes,
+        image_shape=[images.shape[2], images.shape[3], images.shape[1]],
+        inputs={"source": str(source.root), "manifest_sha256": source.card["manifest"]["sha256"]},
+        params=params, built_by={"stage": stage, **code_version(), "modules_sha256": module_sha256(*modules)})

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from tqdm import tqdm
+from robustdata.progress import progress_bar
 
-from robustdata.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_card, write_manifest
+from robustdata.data.cards import write_dataset_card
+from robustdata.data.manifest import MANIFEST_NAME, write_manifest
 from robustdata.data.shards import Sample, write_shards
-from robustdata.data.sources import Source
+from robustdata.config import IngestParams
+from robustdata.data.sources import Source, open_source
 from robustdata.errors import DataError
-from robustdata.io import code_version, sha256_bytes, sha256_file
+from robustdata.io import code_version, sha256_bytes
 
 
 def sample_key(split: str, index: int) -> str:
@@ -54,15 +55,16 @@ def ingest_split(source: Source, split: str, out_dir: Path, *, shard_size: int,
         samples = itertools.islice(samples, limit)
     total = source.split_size(split)
     total = min(total, limit) if total is not None and limit is not None else (total or limit)
-    bar = tqdm(tracked(keyed(samples, split, source.spec)), total=total, unit="img",
-               desc=f"ingest {source.name}/{split}", disable=not progress, leave=False)
+    bar = progress_bar(tracked(keyed(samples, split, source.spec)), total=total, unit="img",
+                       desc=f"ingest {source.name}/{split}", disable=not progress, leave=False)
     rows = write_shards(bar, out_dir, shard_size)
     if not rows:
         raise DataError(f"split {split!r} produced no samples: the source is empty", path=source.spec)
     manifest_sha = write_manifest(out_dir / MANIFEST_NAME, rows)
-    card = build_card(source, split, rows, classes, image_shape(shapes), manifest_sha, out_dir, params or {})
-    write_card(out_dir, card)
-    return card
+    return write_dataset_card(out_dir, rows, manifest_sha, name=source.name, split=split, classes=classes,
+                              image_shape=image_shape(shapes),
+                              inputs={"source": source.spec, **summarize_hashes(source.input_hashes())},
+                              params=params or {}, built_by={"stage": "ingest", **code_version()})
 
 
 def summarize_hashes(hashes: dict[str, str], max_listed: int = 16) -> dict[str, Any]:
@@ -73,24 +75,13 @@ def summarize_hashes(hashes: dict[str, str], max_listed: int = 16) -> dict[str, 
     return {"num_files": len(hashes), "files_sha256": sha256_bytes(lines.encode())}
 
 
-def build_card(source: Source, split: str, rows: list[dict[str, Any]], classes: list[str],
-               shape: list[int] | None, manifest_sha: str, out_dir: Path,
-               params: dict[str, Any]) -> dict[str, Any]:
-    counts = Counter(row["label"] for row in rows)
-    shard_counts = Counter(row["shard"] for row in rows)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": source.name,
-        "split": split,
-        "num_samples": len(rows),
-        "classes": classes,
-        "counts_per_class": [counts.get(i, 0) for i in range(len(classes))],
-        "image_shape": shape,
-        "image_dtype": "uint8",
-        "shards": [{"name": name, "num_samples": n, "sha256": sha256_file(out_dir / name)}
-                   for name, n in sorted(shard_counts.items())],
-        "manifest": {"name": MANIFEST_NAME, "sha256": manifest_sha},
-        "inputs": {"source": source.spec, **summarize_hashes(source.input_hashes())},
-        "params": params,
-        "built_by": {"stage": "ingest", **code_version()},
-    }
+def source_from(params: IngestParams) -> Source:
+    """The source an `ingest` params section names, opened with its options."""
+    return open_source(params.source, download=params.download, classes=params.classes,
+                       mode=params.image_mode, resize=params.resize)
+
+
+def dataset_index(name: str, source: str, classes: list[str], splits: list[dict[str, Any]]) -> dict[str, Any]:
+    """dataset.json at the top of an ingest: the splits and their summaries."""
+    return {"name": name, "source": source, "classes": classes,
+            "splits": {s["split"]: {k: v for k, v in s.items() if k not in ("split", "path")} for s in splits}}

@@ -15,11 +15,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from robustdata.data.manifest import Dataset, open_dataset, read_manifest
 from robustdata.data.shards import decode_image, decode_label, iter_shard_records
 from robustdata.errors import DataError, IntegrityError
+from robustdata.progress import progress_bar
 from robustdata.io import atomic_file, dumps_json, read_json, sha256_bytes, sha256_file, write_json_atomic
 
 
@@ -97,8 +97,7 @@ def decode_all(dataset: Dataset, keys: list[str], labels: list[int], expected: l
                         "streaming reader", path=dataset.root) from exc
     mode = "L" if channels == 1 else "RGB"
     index = 0
-    with tqdm(total=len(keys), unit="img", desc=f"decode {dataset.root.name}", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=len(keys), unit="img", desc=f"decode {dataset.root.name}", disable=not progress) as bar:
         for path in dataset.shards:
             for record in iter_shard_records(path):
                 key, png = record["__key__"], record.get("png")

@@ -25,7 +25,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from robustdata.errors import DataError
@@ -184,6 +183,8 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
 
 def write_shard(path: Path, samples: Iterable[Sample]) -> list[dict[str, Any]]:
     """Write one shard atomically; return one manifest row per sample."""
+    import webdataset as wds  # here: it imports torch, which the readers (card, verify, ...) need not load
+
     rows = []
     with atomic_file(path) as tmp, open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME,

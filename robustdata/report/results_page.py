@@ -12,15 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from robustdata.io import write_bytes_atomic
-from robustdata.report.documents import DocImage, DocTable, render_html, render_markdown
-from robustdata.report.robustify import KIND_NAMES, KIND_ORDER, pm
-
-MISSING = "-"
-
-
-def percent(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.2f}%"
+from robustdata.report.formats import number, percent
+from robustdata.report.render import DocImage, DocTable, Document, write_documents
+from robustdata.report.robustify import KIND_NAMES, accuracy_cells, attack_title, kinds_and_attacks
 
 
 def audit_table(audit_metrics: dict[str, Any] | None, loop_metrics: dict[str, Any] | None) -> list:
@@ -32,7 +26,7 @@ def audit_table(audit_metrics: dict[str, Any] | None, loop_metrics: dict[str, An
                    f"{audit_metrics['poisoned_classes']} class(es) judged poisoned"]
         if audit_metrics.get("tpr") is not None:
             bullets.append(f"against the planted canaries: TPR {percent(audit_metrics['tpr'])}, "
-                           f"FPR {percent(audit_metrics['fpr'])}, AUROC {audit_metrics['auroc']:.4f}")
+                           f"FPR {percent(audit_metrics['fpr'])}, AUROC {number(audit_metrics['auroc'], '.4f')}")
         blocks.append(bullets)
     if loop_metrics:
         rows = [[name, percent(m["clean_accuracy"]), percent(m["asr"])] for name, m in loop_metrics.items()]
@@ -46,11 +40,9 @@ def robustify_table(summary: dict[str, Any] | None) -> list:
     if not summary:
         return []
     results = summary["results"]
-    kinds = [k for k in KIND_ORDER if k in results]
-    attacks = list(results[kinds[0]]["robust"]) if kinds else []
-    header = ["trained on", "seeds", "clean %"] + [f"{a.replace('_', ' eps ')} %" for a in attacks]
-    rows = [[KIND_NAMES[k], str(len(results[k]["runs"])), pm(results[k]["clean_accuracy"])]
-            + [pm(results[k]["robust"][a]) for a in attacks] for k in kinds]
+    kinds, attacks = kinds_and_attacks(results)
+    header = ["trained on", "seeds", "clean %"] + [f"{attack_title(a)} %" for a in attacks]
+    rows = [[KIND_NAMES[k], str(len(results[k]["runs"]))] + accuracy_cells(results[k], attacks) for k in kinds]
     return [DocTable(header, rows, [k == "robust" for k in kinds])]
 
 
@@ -59,7 +51,7 @@ def evaluation_table(metrics: dict[str, Any] | None) -> list:
         return []
     columns = sorted({key for m in metrics.values() for key in m})
     rows = [[name] + [percent(m.get(c)) for c in columns] for name, m in metrics.items()]
-    return [DocTable(["model"] + [c.replace("_", " ") for c in columns], rows, [False] * len(rows))]
+    return [DocTable(["model"] + [c.replace("_", " ") for c in columns], rows)]
 
 
 def figures(root: Path, directories: list[Path]) -> list[DocImage]:
@@ -72,8 +64,8 @@ def figures(root: Path, directories: list[Path]) -> list[DocImage]:
     return images
 
 
-def document(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> list[tuple[str, list]]:
-    sections: list[tuple[str, list]] = [("robustdata results", [[
+def document(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> Document:
+    sections: Document = [("robustdata results", [[
         "Every number below is read from the JSON metrics the stages wrote (dvc metrics show prints the same)."]])]
     audit = audit_table(inputs.get("audit"), inputs.get("audit_loop"))
     if audit:
@@ -93,8 +85,4 @@ def document(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> lis
 
 def write_results_page(root: Path, inputs: dict[str, Any], figure_dirs: list[Path]) -> dict[str, Path]:
     """<root>/index.md and <root>/index.html (atomic)."""
-    doc = document(Path(root), inputs, figure_dirs)
-    paths = {"markdown": Path(root) / "index.md", "html": Path(root) / "index.html"}
-    write_bytes_atomic(paths["markdown"], render_markdown(doc).encode())
-    write_bytes_atomic(paths["html"], render_html(doc).encode())
-    return paths
+    return write_documents(Path(root), "index", document(Path(root), inputs, figure_dirs))

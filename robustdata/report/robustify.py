@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from robustdata.io import write_bytes_atomic, write_json_atomic
-from robustdata.report.documents import DocImage, DocTable, render_html, render_markdown, write_png
+from robustdata.io import write_json_atomic
+from robustdata.report.figures import write_png
+from robustdata.report.formats import MISSING, mean_std
+from robustdata.report.render import DocImage, DocTable, Document, render_markdown, write_documents
 
 FIGURES_DIR = "figures"
 PLOTS_DIR = "plots"  # DVC plots data: robust accuracy against eps, one file per threat model
@@ -23,30 +25,37 @@ KIND_ORDER = ("original", "robust", "nonrobust", "rand", "det")
 KIND_NAMES = {"original": "D", "robust": "D_R", "nonrobust": "D_NR", "rand": "D_rand", "det": "D_det"}
 # Ilyas et al. 2019 on CIFAR-10 (ResNet-50), as DESIGN.md section 4 quotes them: clean accuracy on the
 # original test set, and robust accuracy under L2 eps 0.25 (PGD-7) where the paper reports it.
-PAPER_CIFAR10 = {"robust": ("84%", "48%"), "nonrobust": ("88%", "0.8%"), "rand": ("63%", "-"),
-                 "det": ("44%", "-")}
+PAPER_CIFAR10 = {"robust": ("84%", "48%"), "nonrobust": ("88%", "0.8%"), "rand": ("63%", MISSING),
+                 "det": ("44%", MISSING)}
 
 
-def pm(stats: dict[str, float] | None) -> str:
-    """mean +- std in percent."""
-    if stats is None:
-        return "-"
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+def kinds_and_attacks(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The datasets present, in the paper's order, and the attacks they were evaluated under ("linf_0.3")."""
+    kinds = [k for k in KIND_ORDER if k in results]
+    return kinds, list(results[kinds[0]]["robust"]) if kinds else []
+
+
+def attack_title(name: str) -> str:
+    return name.replace("_", " eps ")
+
+
+def accuracy_cells(result: dict[str, Any], attacks: list[str]) -> list[str]:
+    """Clean, then robust accuracy under each attack: mean +- std over seeds, in percent."""
+    return [mean_std(result["clean_accuracy"])] + [mean_std(result["robust"][a]) for a in attacks]
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> DocTable:
     """One row per dataset: clean and robust accuracy (mean +- std over seeds), the paper's numbers beside."""
-    kinds = [k for k in KIND_ORDER if k in results]
-    attacks = list(results[kinds[0]]["robust"]) if kinds else []
-    header = (["trained on", "seeds", "lr", "clean %"] + [f"{name.replace('_', ' eps ')} %" for name in attacks]
+    kinds, attacks = kinds_and_attacks(results)
+    header = (["trained on", "seeds", "lr", "clean %"] + [f"{attack_title(name)} %" for name in attacks]
               + ["paper CIFAR-10 clean", "paper robust (L2 0.25)"])
     rows = []
     for kind in kinds:
         r = results[kind]
         lrs = sorted({run["lr"] for run in r["runs"]})
-        paper = PAPER_CIFAR10.get(kind, ("-", "-"))
-        rows.append([KIND_NAMES[kind], str(len(r["runs"])), ", ".join(f"{lr:g}" for lr in lrs),
-                     pm(r["clean_accuracy"])] + [pm(r["robust"][a]) for a in attacks] + list(paper))
+        paper = PAPER_CIFAR10.get(kind, (MISSING, MISSING))
+        rows.append([KIND_NAMES[kind], str(len(r["runs"])), ", ".join(f"{lr:g}" for lr in lrs)]
+                    + accuracy_cells(r, attacks) + list(paper))
     return DocTable(header, rows, [k == "robust" for k in kinds])
 
 
@@ -57,13 +66,14 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
     for kind in ("robust", "nonrobust"):
         if base and kind in results:
             deltas = ", ".join(
-                f"{name.replace('_', ' eps ')} {100 * (results[kind]['robust'][name]['mean'] - s['mean']):+.1f} pts"
+                f"{attack_title(name)} {100 * (results[kind]['robust'][name]['mean'] - s['mean']):+.1f} pts"
                 for name, s in base["robust"].items())
             lines.append(f"{KIND_NAMES[kind]} vs D, robust accuracy: {deltas}")
     for kind in ("rand", "det"):
         if kind in results:
-            lines.append(f"{KIND_NAMES[kind]}: {pm(results[kind]['clean_accuracy'])}% on the original test set "
-                         "(chance 10%): non-robust features alone generalise")
+            accuracy = mean_std(results[kind]["clean_accuracy"], unit="%")
+            lines.append(f"{KIND_NAMES[kind]}: {accuracy} on the original test set (chance 10%): non-robust "
+                         "features alone generalise")
     return lines
 
 
@@ -77,8 +87,7 @@ def gate_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def plot_curves(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     """Robust accuracy against eps, one record per eps (0 = clean) with a column per dataset, per threat model:
     the files DVC plots (`dvc plots show`, `dvc plots diff`) draw as one line per dataset."""
-    kinds = [k for k in KIND_ORDER if k in results]
-    attacks = list(results[kinds[0]]["robust"]) if kinds else []
+    kinds, attacks = kinds_and_attacks(results)
     curves: dict[str, list[dict[str, float]]] = {}
     for threat in dict.fromkeys(name.split("_")[0] for name in attacks):
         points = [(0.0, {KIND_NAMES[k]: results[k]["clean_accuracy"]["mean"] for k in kinds})]
@@ -147,25 +156,32 @@ def saliency_figure(images: torch.Tensor, gradients: dict[str, torch.Tensor], la
 # ------------------------------------------------------------------------------------------------- documents
 
 
+_BUILD_FIELDS = ("num_samples", "steps", "step_size", "schedule", "eps", "model", "final")
+
+
 def document(results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]],
-             figures: dict[str, str]) -> list[tuple[str, list]]:
-    sections: list[tuple[str, list]] = [("Robust and non-robust features (Ilyas et al. 2019)", [headline(results)])]
+             figures: dict[str, str]) -> Document:
+    sections: Document = [("Robust and non-robust features (Ilyas et al. 2019)", [headline(results)])]
     sections.append(("Standard classifiers trained on each dataset, evaluated on the original test set",
                      [results_table(results),
                       ["Robust accuracy: PGD with random restarts on the first test images (see the JSON for "
-                       "steps, restarts and n); mean ± std over seeds. The paper's numbers are CIFAR-10 with a "
-                       "ResNet-50, for reference only: MNIST standard models are already fairly robust at "
-                       "small eps, so the gap shows at Linf 0.2 and 0.3."]]))
+                       "steps, restarts and n); mean ± std over seeds (n = 1: a single seed, no spread). The "
+                       "paper's numbers are CIFAR-10 with a ResNet-50, for reference only: MNIST standard models "
+                       "are already fairly robust at small eps, so the gap shows at Linf 0.2 and 0.3."]]))
     if builds:
-        rows = [[KIND_NAMES[kind], str(b.get("num_samples", "-")), str(b.get("steps", "-")),
-                 str(b.get("step_size", "-")), str(b.get("schedule", "-")), str(b.get("eps", "-")),
-                 b.get("model", "-"), b.get("final", "-")] for kind, b in builds.items()]
+        rows = [[KIND_NAMES[kind]] + [str(b.get(name, MISSING)) for name in _BUILD_FIELDS]
+                for kind, b in builds.items()]
         sections.append(("How each dataset was built", [DocTable(
             ["dataset", "samples", "steps", "step size", "schedule", "eps (L2)", "model", "final distance / loss"],
-            rows, [False] * len(rows))]))
+            rows)]))
     if figures:
         sections.append(("Figures", [DocImage(title, src) for title, src in figures.items()]))
     return sections
+
+
+def report_markdown(results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]]) -> str:
+    """The report as markdown without its figures (for a terminal)."""
+    return render_markdown(document(results, builds, {}))
 
 
 def write_report(out_dir: Path, results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]],
@@ -184,8 +200,19 @@ def write_report(out_dir: Path, results: dict[str, dict[str, Any]], builds: dict
         write_json_atomic(out_dir / PLOTS_DIR / f"{threat}.json", curve)
     write_json_atomic(out_dir / "summary.json", {"results": {k: {kk: vv for kk, vv in v.items() if kk != "details"}
                                                              for k, v in results.items()}, "builds": builds})
-    doc = document(results, builds, sources)
-    paths["markdown"], paths["html"] = out_dir / "report.md", out_dir / "report.html"
-    write_bytes_atomic(paths["html"], render_html(doc).encode())
-    write_bytes_atomic(paths["markdown"], render_markdown(doc).encode())
+    paths.update(write_documents(out_dir, "report", document(results, builds, sources)))
     return paths
+
+
+# ------------------------------------------------------------------------------------------------- table rows
+
+
+def run_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per trained classifier (seed, lr, clean and `robust_<attack>` accuracy), for a table artifact."""
+    return [{"seed": r["seed"], "lr": r["lr"], "model": r["model"], "clean_accuracy": r["clean_accuracy"],
+             **{f"robust_{name}": value for name, value in r["robust"].items()}} for r in runs]
+
+
+def metric_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """gate_metrics() as one row per dataset, in the paper's order, for a table artifact."""
+    return [{"dataset": KIND_NAMES[kind], **metrics[kind]} for kind in KIND_ORDER if kind in metrics]

@@ -32,7 +32,7 @@ from torch import nn
 from robustdata.config import BUILD_KINDS, INVERSION_KINDS
 from robustdata.errors import RobustDataError
 from robustdata.train.attacks import L2, PGDConfig, evaluating, pgd
-from robustdata.train.models import representation
+from robustdata.train.models import autocast, representation
 
 
 
@@ -47,13 +47,6 @@ class StepConfig:
     precision: str = "fp32"     # fp32 | bf16: autocast of the optimisation steps (final measures are fp32)
     relu_grad_beta: float | None = None  # descend along sigmoid(beta z)-smoothed ReLU gradients (see below)
     pool_grad: str = "max"      # max | avg: the gradient max-pool layers pass back (average_pool_gradients)
-
-
-def autocast_steps(device: torch.device, precision: str):
-    """bf16 autocast for the optimisation loop on the model's device type, or nothing for fp32."""
-    if precision not in ("fp32", "bf16"):
-        raise RobustDataError(f"unknown precision {precision!r}; valid: ['bf16', 'fp32']")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @contextlib.contextmanager
@@ -190,7 +183,7 @@ def invert_representation(model: nn.Module, targets: torch.Tensor, starts: torch
         with torch.no_grad():
             goal = representation(model, targets, layer).float()
         objective = lambda z: -relative_distance(representation(model, z, layer).float(), goal)  # noqa: E731
-        with (autocast_steps(starts.device, config.precision), smooth_relu_gradients(model, config.relu_grad_beta),
+        with (autocast(starts.device, config.precision), smooth_relu_gradients(model, config.relu_grad_beta),
               average_pool_gradients(model, config.pool_grad)):
             x_r = pgd(objective, starts, PGDConfig(L2(config.eps), config.steps, config.step_size,
                                                    random_start=False, schedule=config.schedule))
@@ -206,7 +199,7 @@ def targeted_perturbation(model: nn.Module, images: torch.Tensor, targets: torch
         raise RobustDataError("a targeted perturbation needs a finite eps (L2 radius)")
     with frozen(model):
         objective = lambda z: -F.cross_entropy(model(z).float(), targets, reduction="none")  # noqa: E731
-        with autocast_steps(images.device, config.precision):
+        with autocast(images.device, config.precision):
             x_adv = pgd(objective, images, PGDConfig(L2(config.eps), config.steps, config.step_size,
                                                      random_start=False, schedule=config.schedule))
         with torch.no_grad():

@@ -23,7 +23,6 @@ the manifest and card are written and the directory is renamed to `<out>`: an
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from robustdata.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, manifest_schema, write_card, write_manifest
+from robustdata.data.cards import write_dataset_card
+from robustdata.data.manifest import MANIFEST_NAME, manifest_schema, write_manifest
 from robustdata.data.shards import SHARD_NAME, Sample, write_shard
 from robustdata.io import dumps_json, read_json, replace_directory, sha256_file, write_json_atomic
 
@@ -113,31 +113,21 @@ def write_built_shard(plan: BuildPlan, index: int, samples: list[Sample]) -> lis
     return rows
 
 
-def finish(plan: BuildPlan, card: dict[str, Any], extra_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Write the manifest and the card (given fields + counts + hashes), copy `extra_dirs`
-    (name -> source directory, e.g. the source's val split), and move the build to `plan.out`."""
+def finish(plan: BuildPlan, card_fields: dict[str, Any], extra_dirs: dict[str, Path] | None = None
+           ) -> dict[str, Any]:
+    """Write the manifest and the card (robustdata.data.cards.dataset_card's keyword fields but `split`),
+    copy `extra_dirs` (name -> source directory, e.g. the source's val split), and move the build to
+    `plan.out`."""
     missing = [i for i in range(plan.num_shards) if not is_finished(plan, i)]
     if missing:
         raise ValueError(f"build {plan.out} is missing shards {missing}")
     rows = [row for i in range(plan.num_shards) for row in read_json(plan.rows_path(i))["rows"]]
     split_dir = plan.work / SPLIT
     manifest_sha = write_manifest(split_dir / MANIFEST_NAME, rows, BUILD_SCHEMA)
-    counts = Counter(row["label"] for row in rows)
-    shard_counts = Counter(row["shard"] for row in rows)
-    full_card = {
-        **card,
-        "schema_version": SCHEMA_VERSION,
-        "split": SPLIT,
-        "num_samples": len(rows),
-        "counts_per_class": [counts.get(i, 0) for i in range(len(card["classes"]))],
-        "shards": [{"name": name, "num_samples": n, "sha256": sha256_file(split_dir / name)}
-                   for name, n in sorted(shard_counts.items())],
-        "manifest": {"name": MANIFEST_NAME, "sha256": manifest_sha},
-    }
-    write_card(split_dir, full_card)
+    card = write_dataset_card(split_dir, rows, manifest_sha, split=SPLIT, **card_fields)
     shutil.rmtree(plan.work / "rows")
     (plan.work / PLAN_NAME).unlink()
     for name, source in (extra_dirs or {}).items():
         shutil.copytree(source, plan.work / name)
     replace_directory(plan.work, plan.out)
-    return full_card
+    return card

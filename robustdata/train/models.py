@@ -122,3 +122,15 @@ def representation(model: nn.Module, x: torch.Tensor, layer: str = "penultimate"
     finally:
         handle.remove()
     return captured[0].flatten(1)
+
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on `device`'s type (the device of the inputs), or a no-op context for fp32. Used for
+    training steps and the builders' optimisation steps; audits and evaluation attacks run in fp32."""
+    if precision not in PRECISIONS:
+        raise RobustDataError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+

@@ -25,27 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from robustdata.progress import progress_bar
 
 from robustdata.train.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
 from robustdata.config import AdversarialParams, AttackParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import dumps_json, read_json, sha256_bytes, write_bytes_atomic, write_json_atomic
-from robustdata.train.models import build_model
+from robustdata.train.models import autocast, build_model
 
 # adversary(model, x, y) -> x_adv, called in train mode
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-PRECISIONS = ("bf16", "fp32")
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on the input's device type; a no-op context for fp32."""
-    if precision not in PRECISIONS:
-        raise DataError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 ADVERSARIAL_METHODS = ("fgsm_rs", "pgd")
@@ -128,6 +118,57 @@ class Resume:
     stateful: dict[str, Any] = field(default_factory=dict)
 
 
+def optimizer_for(model: nn.Module, config: TrainParams, total_steps: int
+                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer (no weight decay on biases and norms) and its triangular learning-rate schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        raise DataError(f"unknown optimizer {config.optimizer!r}; valid: ['adam', 'sgd']")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: triangular(s, total_steps, config.warmup_fraction))
+    return optimizer, scheduler
+
+
+def train_epoch(model: nn.Module, data: InMemoryDataset, config: TrainParams, generator: torch.Generator,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                adversary: Adversary | None, epoch: int, progress: bool) -> dict[str, float]:
+    """One pass over `data` (on the model's device) in the order `generator` draws; its loss and accuracy."""
+    device = next(model.parameters()).device
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    # summed on the device (float64, as Python floats would be): no host sync per step
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    batches = progress_bar(data.batches(config.batch_size, generator=generator), total=steps_per_epoch,
+                           desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    for x, y in batches:
+        x = x.contiguous(memory_format=memory_format)
+        with autocast(device, config.precision):
+            if adversary is not None:
+                x = adversary(model, x, y)
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    loss_sum, correct = loss_sum.item(), correct.item()
+    if not math.isfinite(loss_sum):
+        raise DataError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); lower the learning rate")
+    return {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+
+
 def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, generator: torch.Generator,
                 adversary: Adversary | None = None, progress: bool = True,
                 on_epoch: Callable[[int, nn.Module], bool] | None = None,
@@ -139,23 +180,9 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, ge
     state with the same fingerprint is continued from: the result is bit-identical
     to an uninterrupted run on CPU.
     """
-    device = next(model.parameters()).device
-    data = data.to(device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    elif config.optimizer == "adam":
-        optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    else:
-        raise DataError(f"unknown optimizer {config.optimizer!r}; valid: ['adam', 'sgd']")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: triangular(s, total, config.warmup_fraction))
+    data = data.to(next(model.parameters()).device)
+    model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    optimizer, scheduler = optimizer_for(model, config, math.ceil(len(data) / config.batch_size) * config.epochs)
     history, first_epoch = [], 0
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": generator}
     if resume is not None:
@@ -165,30 +192,7 @@ def train_model(model: nn.Module, data: InMemoryDataset, config: TrainParams, ge
             history, first_epoch = saved["history"], saved["next_epoch"]
     model.train()
     for epoch in range(first_epoch, config.epochs):
-        # summed on the device (float64, as Python floats would be): no host sync per step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        batches = tqdm(data.batches(config.batch_size, generator=generator), total=steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for x, y in batches:
-            x = x.contiguous(memory_format=memory_format)
-            with autocast(device, config.precision):
-                if adversary is not None:
-                    x = adversary(model, x, y)
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        loss_sum, correct = loss_sum.item(), correct.item()
-        if not math.isfinite(loss_sum):
-            raise DataError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); lower the learning rate")
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        history.append(train_epoch(model, data, config, generator, optimizer, scheduler, adversary, epoch, progress))
         stop = on_epoch is not None and on_epoch(epoch, model)
         if resume is not None:  # a stopped run is finished: a rerun must not train on
             save_resume_state(resume.path, stateful, {"fingerprint": resume.fingerprint, "history": history,
@@ -218,7 +222,7 @@ def adversarial_predict(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         progress: bool = False) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="attack", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(images), batch_size), desc="attack", disable=not progress, leave=False):
         x = to_float(images[i:i + batch_size]).to(device)
         y = labels[i:i + batch_size].to(device)
         x_adv = pgd_attack(model, x, y, config, generator=generator)
@@ -234,6 +238,8 @@ def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+MODEL_FILE = "model.pt"  # a model directory holds model.pt (the state_dict) and model.json (its sidecar)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, sidecar: dict[str, Any]) -> None:
@@ -272,6 +278,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise DataError(f"not a loadable state_dict ({type(exc).__name__}: {exc})", path=path) from exc
     model.load_state_dict(state)
     return model.to(device).eval(), sidecar
+
+
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """load_checkpoint of a model directory's MODEL_FILE."""
+    return load_checkpoint(Path(model_dir) / MODEL_FILE, device)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -427,3 +438,14 @@ def evaluate_model(model: nn.Module, test: InMemoryDataset, attacks: list[Attack
                        "n": report["n"], "clean_accuracy_same_images": clean_attacked,
                        "seconds": time.perf_counter() - start})
     return {"clean": clean, "robust": robust}
+
+
+def model_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """One evaluated model's clean accuracy and robust accuracy per attack (`robust_<threat>_<eps>`)."""
+    return {"clean_accuracy": result["clean"]["accuracy"],
+            **{f"robust_{a['threat']}_{a['eps']:g}": a["accuracy"] for a in result["robust"]}}
+
+
+def evaluation_metrics(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """model_metrics per model directory name (metrics.json: DVC metrics, CI gates)."""
+    return {Path(r["model"]).name: model_metrics(r) for r in results}
