@@ -153,7 +153,7 @@ def plain_build(params, kind) -> None:
 
 
 def plain_evaluate_built(params, kind) -> None:
-    from robustdata.flows.robustify import dataset_for
+    from robustdata.config import dataset_for
     from robustdata.tasks import robustify
 
     data, limit = dataset_for(kind, params)

@@ -164,7 +164,8 @@ def ensure_models(params: Params, names: tuple[str, ...] = SOURCE_MODELS) -> Non
 
 
 def quality(params: Params, work: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
-    from robustdata.flows.robustify import dataset_for, evaluate_built_flow, robustify_report_flow, run_build
+    from robustdata.config import dataset_for
+    from robustdata.flows.robustify import evaluate_built_flow, robustify_report_flow, run_build
 
     ensure_models(params)
     builds = {}
