@@ -602,8 +602,8 @@ def pipeline(
     profile: Optional[str] = typer.Option(None, help="A profile laid over the params: quick | full (profiles/*.yaml) "
                                           "or a YAML path."),
 ) -> None:
-    """Everything in one Prefect flow: ingest -> poison -> audit -> retrain -> robust models -> D_R, D_NR,
-    D_rand, D_det -> classifiers on them -> reports/index.html (the same steps as `dvc repro`)."""
+    """Everything in one Prefect flow: every stage of dvc.yaml, in the order `dvc repro` runs them (ingest,
+    models, the audit loop, D_R / D_NR / D_rand / D_det and classifiers on them), ending with reports/index.html."""
     def check() -> Params:
         config = load_params(params, profile=profile)
         require_source(config.ingest.source)  # every later step reads what an earlier one wrote
