@@ -6,10 +6,10 @@ import math
 
 import torch
 from torch import nn
-from robustdata.progress import progress_bar
 
 from robustdata.train.attacks import evaluating
 from robustdata.train.models import representation
+from robustdata.progress import progress_bar
 
 
 @torch.no_grad()

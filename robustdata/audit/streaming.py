@@ -48,7 +48,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from robustdata.progress import progress_bar
 
 from robustdata.train.attacks import evaluating
 from robustdata.audit.filtering import KAPPA, nearest_other_centroid
@@ -59,6 +58,7 @@ from robustdata.audit.scoring import (AuditResult, NonFiniteFeaturesError, audit
 from robustdata.audit.spectral import ClassPCA
 from robustdata.errors import RobustDataError
 from robustdata.train.models import representation
+from robustdata.progress import progress_bar
 
 STREAM_METHODS = tuple(name for name, method in registry().items() if method.streams_by_default)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]

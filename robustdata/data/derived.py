@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import torch
-from robustdata.progress import progress_bar
 
 from robustdata.data.cards import write_dataset_card
 from robustdata.data.manifest import MANIFEST_NAME, Dataset, manifest_schema, write_manifest
 from robustdata.data.shards import Sample, write_shards
 from robustdata.io import code_version
+from robustdata.progress import progress_bar
 
 # Lineage columns beyond the base manifest schema.
 TRIGGER_FIELD = pa.field("trigger", pa.string())

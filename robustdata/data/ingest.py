@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 from typing import Any, Iterator
 
-from robustdata.progress import progress_bar
 
 from robustdata.data.cards import write_dataset_card
 from robustdata.data.manifest import MANIFEST_NAME, write_manifest
@@ -15,6 +14,7 @@ from robustdata.config import IngestParams
 from robustdata.data.sources import Source, open_source
 from robustdata.errors import DataError
 from robustdata.io import code_version, sha256_bytes
+from robustdata.progress import progress_bar
 
 
 def sample_key(split: str, index: int) -> str:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from robustdata.progress import progress_bar
 
 from robustdata.train.attacks import PGDConfig, evaluating, fgsm_rs, pgd_attack, threat_model
 from robustdata.config import AdversarialParams, AttackParams, TrainParams
@@ -33,6 +32,7 @@ from robustdata.data.memory import InMemoryDataset
 from robustdata.errors import DataError, IntegrityError
 from robustdata.io import dumps_json, read_json, sha256_bytes, write_bytes_atomic, write_json_atomic
 from robustdata.train.models import autocast, build_model
+from robustdata.progress import progress_bar
 
 # adversary(model, x, y) -> x_adv, called in train mode
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
