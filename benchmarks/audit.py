@@ -19,7 +19,7 @@ Plus a clean reference model (accuracy to compare against) and auto-mode audits 
 clean training sets for --clean-seeds seeds (no class may be flagged).
 Prints a table and writes reports/bench/audit.json; runs on CUDA when present.
 
-    python benchmarks/audit.py [--rates 0.005 0.01 0.05 0.1] [--triggers square blend] [--clean-seeds 3]
+    python benchmarks/audit.py [--rates 0.005 0.01 0.05 0.1] [--triggers badnets blended] [--clean-seeds 3]
 """
 
 from __future__ import annotations
@@ -48,20 +48,25 @@ from robustdata.config import load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.io import code_version, write_json_atomic  # noqa: E402
 from robustdata.train.models import layer_module  # noqa: E402
-from robustdata.audit.poisoners import Attack, Trigger, poison, triggered_test_set  # noqa: E402
+from robustdata.poison import backdoor  # noqa: E402
+from robustdata.poison.base import Backdoor  # noqa: E402
+from robustdata.poison.plant import Dose, plant, triggered_test_set  # noqa: E402
+from robustdata.poison.targeting import Targeting  # noqa: E402
 from robustdata.train.training import fit, generator_for, predict  # noqa: E402
 
 log = Console(stderr=True)
 wide = Console(width=230)  # the tables are wide; do not fold them to a pipe's 80 columns
 TARGET = 0
+TARGETING = Targeting("all_to_one", (TARGET,))
 
 
 def accuracy(model, data: InMemoryDataset) -> float:
     return float((predict(model, data.images).cpu() == data.labels).float().mean())
 
 
-def attack_success(model, test: InMemoryDataset, attack: Attack) -> float:
-    triggered, target, _ = triggered_test_set(test.images, test.labels, attack)
+def attack_success(model, test: InMemoryDataset, attack: Backdoor) -> float:
+    triggered, target, _ = triggered_test_set(test.images, test.labels, attack, TARGETING, len(test.classes),
+                                              torch.Generator())
     return float((predict(model, triggered).cpu() == target).float().mean())
 
 
@@ -106,12 +111,13 @@ def run_art(model, data: InMemoryDataset, truth: torch.Tensor, eps: float, layer
 
 
 def one_config(kind: str, rate: float, train, val, test, params, args) -> dict[str, Any]:
-    attack = Attack(Trigger(kind=kind), target=TARGET, rate=rate)
-    images, labels, truth = poison(train.images, train.labels, attack, torch.Generator().manual_seed(0))
+    planted = plant(train.images, train.labels, backdoor(kind), TARGETING, Dose(rate), len(train.classes),
+                    torch.Generator().manual_seed(0))
+    attack, images, labels, truth = planted.attack, planted.images, planted.labels, planted.is_poison
     data = InMemoryDataset(images, labels, train.keys, train.classes)
     suspect_params, audit = params.train_suspect, params.audit
     model, _ = fit(data, val, suspect_params, progress=False)
-    entry: dict[str, Any] = {"trigger": attack.trigger.id, "rate": rate, "poisons": int(truth.sum()),
+    entry: dict[str, Any] = {"trigger": attack.id, "rate": rate, "poisons": int(truth.sum()),
                              "target_class_fraction": float(truth.sum() / (labels == TARGET).sum()),
                              "suspect": {"clean_accuracy": accuracy(model, test),
                                          "asr": attack_success(model, test, attack)}}
@@ -133,7 +139,7 @@ def one_config(kind: str, rate: float, train, val, test, params, args) -> dict[s
                        "poisoned_classes": outcome["poisoned_classes"],
                        "estimated_poisons": outcome["estimated_poisons"],
                        "retrained": retrain(data, removed, val, test, suspect_params, attack)}
-        log.log(f"{attack.trigger.id} {rate:g} {mode}: {entry[mode]['methods'][audit.removal_method]} "
+        log.log(f"{attack.id} {rate:g} {mode}: {entry[mode]['methods'][audit.removal_method]} "
                 f"retrained {entry[mode]['retrained']}")
     if not args.skip_art:
         entry["art"] = run_art(model, data, truth, eps, audit.layer)
@@ -211,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.10])
-    parser.add_argument("--triggers", nargs="+", default=["square", "blend"])
+    parser.add_argument("--triggers", nargs="+", default=["badnets", "blended"], help="Backdoor attacks.")
     parser.add_argument("--clean-seeds", type=int, default=3)
     parser.add_argument("--skip-art", action="store_true", help="Leave IBM ART out (it is an optional extra).")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/audit.json")

@@ -44,9 +44,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -57,21 +54,26 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 
+from provenance import provenance  # noqa: E402
+
 from robustdata.audit.features import extract_features  # noqa: E402
 from robustdata.audit.metrics import detection_metrics  # noqa: E402
-from robustdata.audit.poisoners import Attack, Trigger, poison, triggered_test_set  # noqa: E402
+from robustdata.poison import backdoor  # noqa: E402
+from robustdata.poison.plant import Dose, plant, triggered_test_set  # noqa: E402
+from robustdata.poison.targeting import Targeting  # noqa: E402
 from robustdata.audit.scoring import run_audit  # noqa: E402
 from robustdata.config import AttackParams, Params  # noqa: E402
 from robustdata.data.ingest import ingest_split  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
 from robustdata.data.sources import MnistMirror, default_cache_dir  # noqa: E402
 from robustdata.errors import RobustDataError  # noqa: E402
-from robustdata.io import code_version, write_json_atomic  # noqa: E402
+from robustdata.io import write_json_atomic  # noqa: E402
 from robustdata.robustify.builders import StepConfig, build_batch  # noqa: E402
 from robustdata.train.training import evaluate_model, fit, generator_for, predict  # noqa: E402
 
@@ -100,7 +102,7 @@ SIZES = {
                  build_steps=10, attacked=64, attack_steps=5),
 }
 SEED = 0
-POISON = Attack(Trigger("square", size=3), target=0, rate=0.05)
+POISON, TARGETING, DOSE = backdoor("badnets"), Targeting("all_to_one", (0,)), Dose(rate=0.05)
 
 # Where bit-identity is not promised (an op warned), and between CUDA and the CPU: the outcomes must agree
 # this closely. Accuracies in fractions of the test images; audit flags as Jaccard overlap of the flagged sets.
@@ -129,43 +131,6 @@ def deterministic_settings() -> dict[str, Any]:
     return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
             "use_deterministic_algorithms": "True (warn_only)", "cudnn.deterministic": True,
             "cudnn.benchmark": False, "tf32": False}
-
-
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None,
-            "note": None if commit else "no git checkout here (a copied tree): see code_version"}
-
-
-def cpu_model() -> dict[str, Any]:
-    """The CPU's name and whether it has bf16 instructions (CPU bf16 autocast is slow without them)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"name": platform.processor() or None, "bf16": None}
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return {"name": name, "bf16": sorted(flags & {"amx_bf16", "avx512_bf16"})}
-
-
-def machine() -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {"cpu": cpu_model(),
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1) if cuda else None,
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "python": platform.python_version(),
-    }
 
 
 # --------------------------------------------------------------------------- timing
@@ -235,10 +200,12 @@ def pipeline(data: dict[str, InMemoryDataset], device: torch.device, size: Size,
     dev = str(device)
 
     with timer.step("poison"):
-        images, labels, is_poison = poison(train.images.to(device), train.labels.to(device), POISON,
-                                           torch.Generator().manual_seed(SEED))
+        planted = plant(train.images.to(device), train.labels.to(device), POISON, TARGETING, DOSE,
+                        len(train.classes), torch.Generator().manual_seed(SEED))
+        images, labels, is_poison = planted.images, planted.labels, planted.is_poison
         poisoned = InMemoryDataset(images, labels, train.keys, train.classes)
-        triggered, target_labels, _ = triggered_test_set(test.images.to(device), test.labels.to(device), POISON)
+        triggered, target_labels, _ = triggered_test_set(test.images.to(device), test.labels.to(device), POISON,
+                                                         TARGETING, len(test.classes), torch.Generator())
     out["poison"] = {"images": images, "labels": labels, "is_poison": is_poison}
 
     with timer.step("train standard"):
@@ -314,7 +281,7 @@ def invariants(out, built_r, built_det, train, index, is_poison, device) -> dict
         "D_R keeps labels y": bool(torch.equal(built_r.labels.cpu(), train.labels[index])),
         "D_det labels are y + 1": bool(torch.equal(built_det.labels.cpu(), (train.labels[index] + 1) % 10)),
         "robust accuracy <= clean accuracy": evaluate["accuracy"] <= evaluate["clean_accuracy_same_images"],
-        "poisons planted": int(is_poison.sum()) == round(POISON.rate * len(train)),
+        "poisons planted": int(is_poison.sum()) == round(DOSE.rate * len(train)),
         "audit scores on the run's device": all(
             t.device.type == device.type for t in (*out["audit"]["scores"].values(), *out["audit"]["flagged"].values())),
     }
@@ -430,7 +397,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="default reports/bench/gpu_check.json (CUDA), reports/bench/gpu_check_cpu_smoke.json")
     args = parser.parse_args()
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -451,7 +417,7 @@ def main() -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     settings = deterministic_settings()
     started = time.perf_counter()
-    log(f"gpu_check on {device} ({machine()['gpu'] or 'no GPU'}), size {size_name}")
+    log(f"gpu_check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}), size {size_name}")
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ingest_start = time.perf_counter()
@@ -524,8 +490,7 @@ def main() -> int:
     print(f"\ntotal {total:.0f} s; {'all checks pass' if passed else 'SOME CHECKS FAIL'}")
 
     write_json_atomic(out_path, {
-        "benchmark": "gpu_check", "command": command, "git": git_commit(), "code_version": code_version(),
-        "machine": machine(), "device": str(device), "smoke": smoke,
+        **provenance("gpu_check"), "device": str(device), "smoke": smoke,
         "size": {"name": size_name, **asdict(size)},
         "deterministic_settings": settings, "tolerances": TOLERANCES,
         "seconds": {"ingest_host": ingest_seconds, **seconds, "total": total},

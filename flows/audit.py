@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
 
 from robustdata.flows.runners import task_runner_for
 from robustdata.flows.stages import load_pipeline, run_stages
@@ -26,8 +27,19 @@ def poison_flow(params: PoisonParams) -> dict[str, Any]:
 
 
 def class_rows(classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("label", "name", "n", "poisoned", "estimated_poisons", "flagged", "statistic", "threshold", "poisons")
+    keys = ("label", "name", "n", "verdict", "estimated_poisons", "flagged", "statistic", "z", "threshold", "poisons")
     return [{k: c.get(k) for k in keys} for c in classes]
+
+
+def emit_verdict(result: dict[str, Any]) -> None:
+    """The verdict as a Prefect event, `robustdata.audit.<verdict>` about the audited dataset, for automations
+    to react to (README: pause a training deployment when an audit is not clean)."""
+    emit_event(event=f"robustdata.audit.{result['verdict']}",
+               resource={"prefect.resource.id": f"robustdata.dataset.{Path(result['data']).resolve()}",
+                         "prefect.resource.name": str(result["data"])},
+               payload={"verdict": result["verdict"], "poisoned_classes": result["poisoned_classes"],
+                        "inconclusive_classes": result["inconclusive_classes"],
+                        "num_flagged": result["num_flagged"], "report": result["report"]})
 
 
 @flow(name="audit-features")
@@ -59,6 +71,7 @@ def audit_flow(params: AuditParams) -> dict[str, Any]:
         result = audit_task(params, features=features, feature_seconds=seconds)
     create_table_artifact([result["metrics"]], key="audit-report", description="backdoor poison audit: gate metrics")
     create_table_artifact(class_rows(result["classes"]), key="audit-classes", description="per-class audit decisions")
+    emit_verdict(result)
     return result
 
 

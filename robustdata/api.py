@@ -1,10 +1,9 @@
 """The Python API: one call per pipeline step, for MLOps code that drives robustdata directly.
 
-    import robustdata
+    from robustdata import api
 
-    robustdata.ingest(source="mnist", out="data/mnist")
-    result = robustdata.audit(model="models/suspect", data="data/poisoned", out="data/filtered",
-                              report="reports/audit")
+    api.ingest(source="mnist", out="data/mnist")
+    result = api.audit(model="models/suspect", data="data/poisoned", out="data/filtered", report="reports/audit")
     if result["num_flagged"]:
         ...
 
@@ -52,7 +51,8 @@ def ingest(**options: Any) -> dict[str, Any]:
 
 
 def plant_poisons(**options: Any) -> dict[str, Any]:
-    """Plant backdoor poisons with ground truth (the `poison` section: data, out, trigger, rate, ...)."""
+    """Plant backdoor poisons with ground truth (the `poison` section: data, out, attack, trigger, targeting,
+    target, rate, ...)."""
     from robustdata.flows.audit import poison_flow
 
     return poison_flow(section(PoisonParams(), options, "poison"))

@@ -37,9 +37,11 @@ err_console = Console(stderr=True)
 
 EXIT_CODES = {0: "success", 1: "unexpected failure (a bug: please report it with the traceback)",
               2: "bad input or configuration", 3: "integrity failure: data altered after it was written",
-              4: "poisons detected (audit --fail-on-detect)", 130: "stopped by SIGINT (Ctrl-C)",
-              143: "stopped by SIGTERM"}
+              4: "poisons detected (audit --fail-on-detect)",
+              5: "audit inconclusive (audit --fail-on-detect without --allow-inconclusive)",
+              130: "stopped by SIGINT (Ctrl-C)", 143: "stopped by SIGTERM"}
 EXIT_POISONS_DETECTED = 4
+EXIT_INCONCLUSIVE = 5
 Checked = TypeVar("Checked")
 
 
@@ -214,6 +216,12 @@ def require_splits(data: Path, *splits: str) -> None:
     require_datasets(*(Path(data) / split for split in splits))
 
 
+def require_files(*paths: Path) -> None:
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError("no such file", path=path)
+
+
 def require_models(*directories: Path) -> None:
     """Each directory holds a trained model: its weights (model.pt) and their sidecar (model.json)."""
     for directory in map(Path, directories):
@@ -244,7 +252,7 @@ def require_source(spec: str) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """Exit codes: 0 success, 1 bug, 2 bad input or configuration, 3 integrity failure,
-    4 poisons detected (audit --fail-on-detect), 130 / 143 stopped by SIGINT / SIGTERM."""
+    4 poisons detected, 5 audit inconclusive (audit --fail-on-detect), 130 / 143 stopped by SIGINT / SIGTERM."""
 
 
 @app.command()
@@ -338,36 +346,87 @@ def evaluate(
     run_checked(check, command)
 
 
+def class_list(text: str) -> int | list[int]:
+    """'3' -> 3, '1,2' -> [1, 2]: one class or several."""
+    try:
+        classes = [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise RobustDataError(f"classes are integers separated by commas, got {text!r}") from exc
+    return classes[0] if len(classes) == 1 else classes
+
+
+def trigger_settings(pairs: list[str]) -> dict[str, Any]:
+    """['size=2', 'position=random'] -> {'size': 2, 'position': 'random'} (values read as YAML scalars)."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RobustDataError(f"--set takes KEY=VALUE (an attack setting), got {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def print_attacks() -> None:
+    """Every backdoor attack: what it is, its reference, its settings and their defaults."""
+    import dataclasses
+
+    from robustdata.poison import REGISTRY
+
+    for name, cls in sorted(REGISTRY.all().items()):
+        summary = " ".join((sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0].split())
+        kind = "clean-label" if cls.clean_label else "dirty-label"
+        covers = f", {cls.cover_ratio:g} cover sample(s) per poison" if cls.cover_ratio else ""
+        console.print(f"[bold]{name}[/bold] ({kind}{covers}): {summary}", highlight=False)
+        settings = "  ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls) if f.init and f.repr)
+        console.print(f"    --set {settings}\n", highlight=False, markup=False)
+
+
 @app.command()
 def poison(
     params: Optional[Path] = typer.Option(None, help="params.yaml to read the `poison` section from."),
     data: Optional[Path] = typer.Option(None, help="Clean ingest output with train/, val/, test/."),
     out: Optional[Path] = typer.Option(None, help="Output: train/ (poisoned), val/, test_triggered/."),
-    trigger: Optional[str] = typer.Option(None, help="square | pixel | pattern | blend"),
-    target: Optional[int] = typer.Option(None, help="Class the poisons are relabelled to."),
-    source: Optional[int] = typer.Option(None, help="Only poison this class (default: all-to-one)."),
-    rate: Optional[float] = typer.Option(None, help="Fraction of the training set poisoned."),
+    attack: Optional[str] = typer.Option(None, help="The backdoor attack (--list shows them)."),
+    setting: list[str] = typer.Option([], "--set", help="An attack setting KEY=VALUE (repeatable), e.g. size=2."),
+    targeting: Optional[str] = typer.Option(None, help="all_to_one | source_specific | multi_target | all_to_all"),
+    target: Optional[str] = typer.Option(None, help="Target class (multi_target: a comma list, e.g. 0,1)."),
+    source: Optional[str] = typer.Option(None, help="source_specific: the source class(es), e.g. 7 or 7,8."),
+    rate: Optional[float] = typer.Option(None, help="Dirty-label: fraction of the training set poisoned; "
+                                                     "clean-label: fraction of the target class."),
     count: Optional[int] = typer.Option(None, help="Exact number of poisons (instead of --rate)."),
+    cover_ratio: Optional[float] = typer.Option(None, help="Cover samples per poison (default: the attack's own)."),
     seed: Optional[int] = typer.Option(None),
+    list_attacks: bool = typer.Option(False, "--list", help="List the attacks and their settings, and exit."),
 ) -> None:
     """Plant backdoor poisons with ground truth (for testing the audit, or as canaries)."""
+    if list_attacks:
+        run_guarded(print_attacks, runs_flows=False)
+        return
+
     def check() -> PoisonParams:
         from pydantic import ValidationError
 
         section = load_params(params).poison.model_dump()
-        section.update({k: v for k, v in {"data": data, "out": out, "target": target, "source": source,
-                                          "seed": seed}.items() if v is not None})
+        if attack is not None and attack != section["attack"]:
+            section.update(attack=attack, trigger={})  # another attack's settings do not carry over
+        section["trigger"].update(trigger_settings(setting))
+        section.update({k: v for k, v in {"data": data, "out": out, "targeting": targeting, "seed": seed,
+                                          "cover_ratio": cover_ratio}.items() if v is not None})
+        section.update({k: class_list(v) for k, v in {"target": target, "source": source}.items() if v is not None})
         if count is not None:
             section.update(count=count, rate=None)
         elif rate is not None:
             section.update(rate=rate, count=None)
-        if trigger is not None:
-            section["trigger"]["kind"] = trigger
         try:
             poison_params = PoisonParams.model_validate(section)
         except ValidationError as exc:
             raise RobustDataError(f"invalid poison options: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
         require_splits(poison_params.data, "train", "val", "test")
+        from robustdata.poison import backdoor  # the attack's settings, before any flow (this imports torch)
+
+        backdoor(poison_params.attack, poison_params.trigger)
         return poison_params
 
     def command(checked: PoisonParams) -> None:
@@ -375,8 +434,8 @@ def poison(
 
         result = poison_flow(checked)
         console.print(f"wrote {result['out']}: {result['poisons']} of {result['train_samples']} training images "
-                      f"poisoned with {result['trigger']} -> class {result['target']}; "
-                      f"{result['triggered_test_samples']} triggered test images")
+                      f"poisoned with {result['attack']} ({result['targeting']}, targets {result['targets']}), "
+                      f"{result['covers']} cover samples; {result['triggered_test_samples']} triggered test images")
 
     run_checked(check, command)
 
@@ -398,30 +457,58 @@ def audit(
     report: Optional[Path] = typer.Option(None, help="Report directory."),
     workers: Optional[int] = typer.Option(None, help="Feature-extraction chunks at once (threads, or Dask workers)."),
     dask: Optional[str] = typer.Option(None, help=DASK_HELP),
+    model_spec: Optional[str] = typer.Option(None, help="Your own classifier instead of --model: "
+                                             "torchscript:PATH or factory:MODULE:ATTR[?k=v] with --state-dict."),
+    state_dict: Optional[Path] = typer.Option(None, help="The factory model's weights (a plain state_dict)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="Audit shard by shard in bounded memory (default: when the set would "
+                                          "fill half the RAM)."),
     device: Optional[str] = typer.Option(None),
     fail_on_detect: bool = typer.Option(False, "--fail-on-detect",
-                                        help=f"Exit {EXIT_POISONS_DETECTED} when any sample is flagged (CI gates)."),
+                                        help=f"CI gate: exit {EXIT_POISONS_DETECTED} when the verdict is poisoned (or "
+                                        f"any sample is flagged), {EXIT_INCONCLUSIVE} when it is inconclusive."),
+    allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive",
+                                            help="With --fail-on-detect: pass an inconclusive verdict (exit 0)."),
 ) -> None:
     """Audit a training set for backdoor poisons (spectral filtering); write scores, report, filtered set."""
     def check() -> AuditParams:
         config = load_params(params, audit={"model": model, "data": data, "layer": layer, "eps": eps,
                                             "removal_method": removal_method, "out": out, "report": report,
-                                            "workers": workers, "dask": dask, "device": device}).audit
-        require_models(config.model)
+                                            "workers": workers, "dask": dask, "device": device,
+                                            "stream": stream, "model_spec": model_spec,
+                                            "state_dict": state_dict}).audit
+        if config.model_spec is None:
+            require_models(config.model)
+        else:
+            require_files(*([config.state_dict] if config.state_dict is not None else []),
+                          *([Path(config.model_spec.split(":", 1)[1])] if config.model_spec.startswith("torchscript:")
+                            else []))
         require_splits(config.data, "train", "val")
         return config
 
-    def command(checked: AuditParams) -> int:
+    def command(checked: AuditParams) -> dict[str, Any]:
         from robustdata.flows.audit import audit_flow
 
         result = audit_flow(checked)
         print_audit(result)
-        return result["num_flagged"]
+        return result
 
-    flagged = run_checked(check, command)
-    if fail_on_detect and flagged:
-        err_console.print(f"[bold red]poisons detected:[/] {flagged} samples flagged (--fail-on-detect)")
+    result = run_checked(check, command)
+    if fail_on_detect:
+        gate(result["verdict"], result["num_flagged"], allow_inconclusive)
+
+
+def gate(verdict: str, flagged: int, allow_inconclusive: bool) -> None:
+    """--fail-on-detect: exit with the verdict's code (a poisoned set never passes; an inconclusive one only
+    when allowed)."""
+    if verdict == "poisoned" or flagged:
+        err_console.print(f"[bold red]poisons detected:[/] verdict {verdict}, {flagged} samples flagged "
+                          "(--fail-on-detect)")
         raise typer.Exit(EXIT_POISONS_DETECTED)
+    if verdict == "inconclusive" and not allow_inconclusive:
+        err_console.print("[bold yellow]audit inconclusive:[/] the audit cannot rule out poisoning at its stated "
+                          "sensitivity (--fail-on-detect; --allow-inconclusive passes it)")
+        raise typer.Exit(EXIT_INCONCLUSIVE)
 
 
 @app.command("retrain-clean")
@@ -474,16 +561,21 @@ def audit_loop(
 
 def print_audit(result: dict[str, Any]) -> None:
     table = Table(title="audit")
-    for column in ("class", "n", "separation", "poisoned", "estimated poisons", "removed", "true poisons"):
+    for column in ("class", "n", "separation", "z", "verdict", "estimated poisons", "removed", "true poisons"):
         table.add_column(column, justify="right")
+    style = {"poisoned": "[bold red]poisoned[/]", "inconclusive": "[bold yellow]inconclusive[/]", "clean": "clean"}
     for c in result["classes"]:
         statistic = "-" if c.get("statistic") is None else f"{c['statistic']:.2f}"
-        table.add_row(c["name"], str(c["n"]), statistic, "[bold red]yes[/]" if c["poisoned"] else "no",
-                      str(c["estimated_poisons"]), str(c.get("flagged", 0)),
-                      "-" if c.get("poisons") is None else str(c["poisons"]))
+        z = "-" if c.get("z") is None else f"{c['z']:.1f}"
+        table.add_row(c["name"], str(c["n"]), statistic, z, style[c["verdict"]], str(c["estimated_poisons"]),
+                      str(c.get("flagged", 0)), "-" if c.get("poisons") is None else str(c["poisons"]))
     console.print(table)
+    for c in result["classes"]:
+        if c["verdict"] != "clean":
+            console.print(f"class {c['name']}: {c['verdict']}: {'; '.join(c['reasons'])}", highlight=False)
     metrics = result["metrics"]
-    line = f"removed {result['num_flagged']} samples; poisoned classes: {result['poisoned_classes'] or 'none'}"
+    line = (f"verdict: {style[result['verdict']]}; removed {result['num_flagged']} samples; poisoned classes: "
+            f"{result['poisoned_classes'] or 'none'}; inconclusive: {result['inconclusive_classes'] or 'none'}")
     if metrics.get("tpr") is not None:
         line += f"; TPR {100 * metrics['tpr']:.2f}%, FPR {100 * metrics['fpr']:.3f}%"
     console.print(line)
@@ -696,9 +788,9 @@ def results(params: Optional[Path] = typer.Option(None, help="params.yaml (where
     """Write the results page (reports/index.html + index.md) from the stages' JSON metrics and figures."""
     def command() -> None:
         config = load_params(params)
-        from robustdata.tasks.report import index_task
+        from robustdata.report.results_page import results_page  # no flow: Prefect is not imported
 
-        result = index_task.fn(config)
+        result = results_page(config)
         console.print(f"results page: {result['html']} (sections: {', '.join(result['sections'])})")
 
     run_guarded(command, runs_flows=False)

@@ -13,6 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       PositiveInt, ValidationError)
 
 from robustdata.audit.methods import method_names  # the audit-method registry's names; imports no torch
+from robustdata.poison import attack_names  # the backdoor registry's names; imports no torch
 from robustdata.errors import DataError, RobustDataError
 
 
@@ -87,32 +88,42 @@ class EvaluateParams(Strict):
     out: Path = Path("reports/evaluate")
 
 
-class TriggerParams(Strict):
-    kind: Literal["square", "pixel", "pattern", "blend"] = "square"
-    size: PositiveInt = 3  # patch side in pixels (square, pattern)
-    value: int = Field(255, ge=0, le=255)  # patch pixel value
-    position: str = "bottom_right"  # bottom_right | bottom_left | top_right | top_left | "row,col"
-    margin: NonNegativeInt = 1  # pixels between a corner patch and the border
-    alpha: float = Field(0.2, gt=0, le=1)  # blend: weight of the noise pattern
-    pattern_seed: int = 0  # blend: seed of the noise pattern
+BackdoorName = Literal[attack_names()]  # one per module of robustdata/poison/: adding a file adds a name
+Classes = NonNegativeInt | list[NonNegativeInt]
 
 
 class PoisonParams(Strict):
     data: Path = Path("data/mnist")  # a clean ingest output with train/, val/, test/
     out: Path = Path("data/poisoned")  # train/ (poisoned), val/ (clean copy), test_triggered/ (for ASR)
-    trigger: TriggerParams = TriggerParams()
-    target: NonNegativeInt = 0  # the class poisons are relabelled to
-    source: NonNegativeInt | None = None  # None: all-to-one; else only this class is poisoned
-    rate: float | None = Field(0.05, ge=0, le=1)  # fraction of the training set poisoned
+    attack: BackdoorName = "badnets"  # the backdoor attack (`robustdata poison --list` shows each one's settings)
+    trigger: dict[str, Any] = {}  # the attack's own settings (its fields); unset ones keep their defaults
+    targeting: Literal["all_to_one", "source_specific", "multi_target", "all_to_all"] = "all_to_one"
+    target: Classes = 0  # the target class (multi_target: a list of 2-3; all_to_all: unused)
+    source: Classes | None = None  # source_specific: the source class(es)
+    rate: float | None = Field(0.05, ge=0, le=1)  # dirty-label: of the training set; clean-label: of the target class
     count: PositiveInt | None = None  # or an exact number of poisons (set rate to null)
+    cover_ratio: NonNegativeFloat | None = None  # cover samples per poison; null = the attack's own
     seed: int = 0
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        if self.targeting == "all_to_all":
+            return ()
+        return tuple(self.target) if isinstance(self.target, list) else (self.target,)
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        return () if self.source is None else tuple(self.source) if isinstance(self.source, list) else (self.source,)
 
 
 AuditMethod = Literal[method_names()]  # one per module of robustdata/audit/methods/: adding a file adds a name
 
 
 class AuditParams(Strict):
-    model: Path = Path("models/suspect")  # the model trained on the audited set
+    model: Path = Path("models/suspect")  # the model trained on the audited set (a robustdata model directory)
+    model_spec: str | None = None  # or your own: torchscript:PATH | factory:MODULE:ATTR[?k=v&...] (train/external.py)
+    state_dict: Path | None = None  # factory: the weights, a plain state_dict (loaded with weights_only=True)
+    normalize: tuple[list[float], list[float]] | None = None  # your model's input (mean, std) per channel, for [0, 1]
     data: Path = Path("data/poisoned")  # <data>/train is audited; <data>/val is carried into `out`
     layer: str = "penultimate"  # representation read: penultimate | last_conv | a module name
     eps: float | None = Field(None, gt=0, lt=1)  # bound on a class's poisoned fraction; null = estimate it
@@ -126,6 +137,7 @@ class AuditParams(Strict):
     batch_size: PositiveInt = 1000  # images per feature-extraction batch
     workers: PositiveInt = 1  # feature-extraction chunks at once: threads here, or Dask workers with `dask: local`
     dask: str | None = None  # None: extract in this process; "local": a LocalCluster of `workers`; else an address
+    stream: bool | None = None  # audit shard by shard in bounded memory; None: when the set would fill half the RAM
     seed: int = 0
     device: str = "auto"
     out: Path = Path("data/filtered")  # train/ without the removed samples (+ val/)

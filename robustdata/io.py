@@ -126,6 +126,17 @@ def read_json(path: str | Path) -> Any:
         raise DataError("JSON nested too deeply", path=path) from exc
 
 
+def write_csv_atomic(path: str | Path, table: Any) -> None:
+    """A pyarrow Table as a CSV file with a header row, written atomically."""
+    import io
+
+    import pyarrow.csv as pcsv
+
+    buffer = io.BytesIO()
+    pcsv.write_csv(table, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_parquet_atomic(path: str | Path, table: Any) -> None:
     """A pyarrow Table as a Parquet file (zstd), written atomically."""
     import io

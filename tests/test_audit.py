@@ -34,13 +34,13 @@ import pytest
 import torch
 
 from robustdata.audit.clustering import activation_clustering, two_means
-from robustdata.audit.filtering import (Split, best_split, nearest_other_class_distance, poison_side,
-                                            poisoned_classes, split_1d)
+from robustdata.audit.filtering import Split, best_split, nearest_other_class_distance, poison_side, split_1d
 import robustdata.audit.methods as audit_methods
 from robustdata.audit.methods import get_method, method_names, register, registry
 from robustdata.audit.methods.base import Method
 from robustdata.audit.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
-from robustdata.audit.scoring import METHODS, AuditResult, run_audit
+from robustdata.audit.scoring import METHODS, AuditResult, judge_classes, run_audit
+from robustdata.audit.verdicts import overall_verdict
 from robustdata.audit.spectral import class_pca, spectral_signature_scores, top_principal
 from robustdata.audit.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
 from robustdata.config import AuditMethod, AuditParams
@@ -379,20 +379,56 @@ def test_best_split_separates_a_planted_cluster():
     assert split.separation > 3 * 2.7
 
 
-def test_poisoned_classes_marks_only_the_outlier():
-    small_sides = torch.full((5,), 0.05)
-    poisoned, threshold = poisoned_classes(torch.tensor([2.7, 2.8, 2.6, 2.75, 12.0]), small_sides)
-    assert poisoned.tolist() == [False, False, False, False, True]
+def judged(separations, side_fractions, statuses=None, kappa=6.0):
+    """judge_classes on entries of 100 samples with these separations and poison-side fractions."""
+    entries = [{"label": i, "n": 100, "status": (statuses or {}).get(i, "ok"), "statistic": d,
+                "side_size": round(100 * f)} for i, (d, f) in enumerate(zip(separations, side_fractions))]
+    for entry in entries:
+        if entry["status"] != "ok":
+            entry["statistic"] = None
+    threshold = judge_classes(entries, kappa)
+    return [e["verdict"] for e in entries], threshold, entries
+
+
+def test_only_the_outlying_class_is_poisoned():
+    verdicts, threshold, entries = judged([2.7, 2.8, 2.6, 2.75, 12.0], [0.05] * 5)
+    assert verdicts == ["clean"] * 4 + ["poisoned"] and entries[4]["poisoned"]
     assert 2.8 < threshold < 12.0
-    clean, _ = poisoned_classes(torch.tensor([2.7, 2.8, 2.6, 2.75, 2.9]), small_sides)
-    assert not clean.any()
+    verdicts, _, _ = judged([2.7, 2.8, 2.6, 2.75, 2.9], [0.05] * 5)
+    assert verdicts == ["clean"] * 5
+    assert overall_verdict(verdicts) == "clean" and overall_verdict(["clean", "poisoned", "inconclusive"]) == "poisoned"
 
 
-def test_a_split_whose_poison_side_is_most_of_the_class_is_not_poisoned():
-    """A far natural tail whose *bulk* the input-space rule calls the poison side contradicts itself."""
-    separations = torch.tensor([2.7, 2.8, 2.6, 2.75, 12.0, 12.0])
-    poisoned, _ = poisoned_classes(separations, torch.tensor([0.1, 0.1, 0.1, 0.1, 0.97, 0.5]))
-    assert poisoned.tolist() == [False, False, False, False, False, True]
+def test_a_split_whose_poison_side_is_most_of_the_class_is_inconclusive_not_clean():
+    """A far split whose *bulk* the input-space rule calls the poison side: a natural tail, or poisons the
+    rule misplaces (clean-label, source-specific); the audit cannot tell, and says so."""
+    verdicts, _, entries = judged([2.7, 2.8, 2.6, 2.75, 12.0, 12.0], [0.1, 0.1, 0.1, 0.1, 0.97, 0.5])
+    assert verdicts == ["clean"] * 4 + ["inconclusive", "poisoned"]
+    assert not entries[4]["poisoned"] and entries[4]["estimated_poisons"] == 0
+    assert "cannot tell which side" in entries[4]["reasons"][0]
+
+
+def test_a_class_in_the_doubt_band_is_inconclusive():
+    """Just under the threshold (a small trigger at a few percent) is not clean: z in (KAPPA_DOUBT, kappa]."""
+    separations = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.1, 3.0]
+    centre, spread = 3.0, 0.3  # the floor: 10% of the median
+    verdicts, _, entries = judged([*separations, centre + 5 * spread, centre + 3.5 * spread], [0.05] * 10)
+    assert verdicts[-2:] == ["inconclusive", "clean"] and verdicts[:-2] == ["clean"] * 8
+    assert entries[-2]["z"] == pytest.approx(5.0) and "doubt band" in entries[-2]["reasons"][0]
+
+
+def test_when_most_classes_split_cleanly_the_calibration_is_void_and_they_are_inconclusive():
+    """All-to-all poisons every class: the median is no clean reference, and no class may come back clean."""
+    verdicts, _, entries = judged([7.0, 7.5, 6.8, 7.2, 8.0, 2.9], [0.1] * 6)
+    assert verdicts[:5] == ["inconclusive"] * 5 and verdicts[5] == "clean"
+    assert "calibration is void" in entries[0]["reasons"][0]
+
+
+@pytest.mark.parametrize("status, verdict", [("too_few_samples (n=50, need 96)", "inconclusive"),
+                                             ("constant_features", "inconclusive"), ("empty", "clean")])
+def test_a_class_the_audit_cannot_read_is_inconclusive_unless_empty(status, verdict):
+    verdicts, _, _ = judged([2.7, 2.8, 2.6, 2.75, 2.9], [0.05] * 5, statuses={2: status})
+    assert verdicts[2] == verdict and verdicts.count("clean") == 4 + (verdict == "clean")
 
 
 # ------------------------------------------------------ PCA and spectral scores
@@ -711,7 +747,7 @@ def test_the_registry_finds_each_method_by_name(name):
 
 @pytest.mark.parametrize("name", ["magic", "Filter", "", "base"])
 def test_an_unknown_method_name_is_refused_with_the_valid_ones(name):
-    valid = r"\['filter', 'spectre', 'spectral', 'clustering'\]"
+    valid = r"\['clustering', 'filter', 'spectral', 'spectre'\]"
     with pytest.raises(RobustDataError, match=rf"unknown audit method '{name}'; valid: {valid}"):
         get_method(name)
 
@@ -761,7 +797,7 @@ def test_adding_a_method_is_adding_one_module(tmp_path, monkeypatch):
     by name, beside the others, which it leaves bit for bit as they were."""
     (tmp_path / "toy.py").write_text(textwrap.dedent(TOY_METHOD))
     monkeypatch.setattr(audit_methods, "__path__", [*audit_methods.__path__, str(tmp_path)])
-    monkeypatch.setattr(audit_methods, "_REGISTRY", dict(audit_methods._REGISTRY))
+    monkeypatch.setattr(audit_methods.REGISTRY, "entries", dict(audit_methods.REGISTRY.entries))
     importlib.invalidate_caches()
     try:
         assert "toy" in method_names() and list(registry())[-1] == "toy"

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -26,6 +27,23 @@ def invoke(*args, cwd=None):
     result = subprocess.run([sys.executable, "-m", "robustdata", *map(str, args)], capture_output=True,
                             text=True, env=env, timeout=600, cwd=cwd)
     return result
+
+
+def verdict_events(dataset, timeout=60.0):
+    """The `robustdata.audit.*` events the server recorded about `dataset` (polled: events are persisted in
+    batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    resource = f"robustdata.dataset.{dataset.resolve()}"
+    wanted = EventFilter(event=EventNameFilter(prefix=["robustdata.audit."]), resource=EventResourceFilter(id=[resource]))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(filter=wanted, limit=50).events  # the server's page size
+            if events or time.monotonic() > deadline:
+                return events
+            time.sleep(1)
 
 
 TRAIN = {"arch": "small_cnn", "epochs": 3, "batch_size": 64, "lr": 0.05, "precision": "bf16", "seed": 0}
@@ -70,6 +88,12 @@ def test_audit_loop_finds_planted_poisons_and_removes_the_backdoor(workspace):
 
     summary = json.loads((root / "report" / "summary.json").read_text())
     assert summary["poisoned_classes"] == [0] and summary["mode"] == "auto" and summary["layer"] == "penultimate"
+    assert summary["verdict"] == "poisoned" and summary["classes"][0]["verdict"] == "poisoned"
+    gate_metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert gate_metrics["verdict"] == "poisoned" and gate_metrics["verdict_code"] == 2
+    events = verdict_events(root / "poisoned")
+    assert {event.event for event in events} == {"robustdata.audit.poisoned"}
+    assert events[0].payload["poisoned_classes"] == [0] and events[0].payload["report"] == str(root / "report")
     scores = pq.read_table(root / "report" / "scores.parquet")
     removed = set(scores.filter(scores.column("filter_flagged")).column("key").to_pylist())
     assert len(removed & set(planted)) >= 57  # >= 95% of the planted poisons
@@ -113,8 +137,26 @@ def test_clean_set_passes_the_gate(workspace):
                     "--out", root / "clean_filtered", "--report", root / "clean_report", "--fail-on-detect")
     assert result.returncode == 0, result.stderr
     summary = json.loads((root / "clean_report" / "summary.json").read_text())
-    assert summary["poisoned_classes"] == [] and summary["num_flagged"] == 0
+    assert summary["poisoned_classes"] == [] and summary["num_flagged"] == 0 and summary["verdict"] == "clean"
+    assert {c["verdict"] for c in summary["classes"]} == {"clean"}
+    assert [event.event for event in verdict_events(root / "mnist")] == ["robustdata.audit.clean"]
     assert summary["ground_truth"] is False  # an ingest has no is_poison ground truth
+
+
+@pytest.mark.parametrize("verdict, flagged, allow, code", [
+    ("clean", 0, False, None), ("poisoned", 12, False, 4), ("clean", 3, False, 4),  # eps mode flags in clean classes
+    ("inconclusive", 0, False, 5), ("inconclusive", 0, True, None), ("poisoned", 12, True, 4)])
+def test_the_gate_exits_with_the_verdicts_code(verdict, flagged, allow, code):
+    import typer
+
+    from robustdata.cli import gate
+
+    if code is None:
+        gate(verdict, flagged, allow)
+        return
+    with pytest.raises(typer.Exit) as exit_info:
+        gate(verdict, flagged, allow)
+    assert exit_info.value.exit_code == code
 
 
 def test_bad_audit_input_is_one_line_error(workspace, tmp_path):

@@ -31,6 +31,22 @@ def invoke(*args):
     return result
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--set", "colour=3"], r"unknown option(s) ['colour'] of the badnets attack; valid: ['shape', 'size'"),
+    (["--attack", "blended", "--set", "alpha=2"], "blended alpha 2 is outside [1e-06, 1]"),
+    (["--attack", "trojan"], "poison options: ('attack',)"),
+    (["--set", "size"], "--set takes KEY=VALUE"),
+    (["--target", "a,b"], "classes are integers separated by commas"),
+])
+def test_bad_poison_options_are_one_line_before_any_flow(tmp_path, args, message):
+    for split in ("train", "val", "test"):  # what the check reads first: finished datasets (their cards)
+        (tmp_path / "data" / split).mkdir(parents=True)
+        (tmp_path / "data" / split / "card.json").write_text("{}")
+    result = invoke("poison", "--data", tmp_path / "data", *args)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "prefect" not in result.stderr.lower()
+
+
 def test_help_lists_commands():
     result = invoke("--help")
     assert result.exit_code == 0

@@ -288,7 +288,9 @@ def test_the_report_shows_each_class_status():
     assert ("Classes not audited normally: empty_one (empty), single (too_few_samples (n=1, need 96)), "
             "flat (constant_features).") in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| class |"))
-    assert header.endswith("| poisoned | status |")
-    assert any(line.startswith("| flat | 6 | 200 |") and line.endswith("| no | constant_features |")
+    assert header.endswith("| verdict | status |")
+    assert any(line.startswith("| flat | 6 | 200 |") and line.endswith("| inconclusive | constant_features |")
                for line in markdown.splitlines())
-    assert any(line.startswith("| cat | 1 |") and line.endswith("| yes | ok |") for line in markdown.splitlines())
+    assert any(line.startswith("| empty_one | 4 | 0 |") and line.endswith("| clean | empty |")
+               for line in markdown.splitlines())
+    assert any(line.startswith("| cat | 1 |") and line.endswith("| poisoned | ok |") for line in markdown.splitlines())

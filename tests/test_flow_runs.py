@@ -3,13 +3,16 @@ why): checked on the events the test server received."""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 
+import torch
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import temporary_settings
 
+import robustdata.flows  # noqa: F401  (its fork mend is what the last test checks)
 from robustdata.cli import run_guarded
 
 HEARTBEAT = "prefect.flow-run.heartbeat"
@@ -51,3 +54,25 @@ def test_command_flow_runs_send_no_heartbeat_unless_configured():
     assert configured in beating, "a heartbeat frequency the user set must be kept"
     assert not_a_flow_command in beating
     assert command not in beating
+
+
+class Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        yield from (torch.tensor(i) for i in range(info.id, 40, info.num_workers))
+
+
+def test_processes_forked_after_an_in_process_flow_exit_cleanly():
+    """Prefect's services leave an exit hook that fails in a forked child (flows/__init__.py mends it): without
+    the mend, every DataLoader worker started after a flow exits with code 1 and the loader raises."""
+    @flow
+    def tiny() -> int:
+        return 1
+
+    assert tiny() == 1
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    batches = list(torch.utils.data.DataLoader(Counting(), batch_size=10, num_workers=2))
+    assert sorted(torch.cat(batches).tolist()) == list(range(40))

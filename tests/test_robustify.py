@@ -432,8 +432,8 @@ def test_dask_build_is_byte_identical_to_a_single_process_build(mnist, api, tmp_
 
 
 def test_python_api_builds_the_same_dataset(mnist, api, tmp_path):
-    """robustdata.build(...) in this process equals the CLI's build; bad options are a RobustDataError."""
-    import robustdata
+    """api.build(...) in this process equals the CLI's build; bad options are a RobustDataError."""
+    from robustdata import api as robustdata
 
     root, _, _ = mnist
     reference = built_bytes(root, "rand", tmp_path / "cli")

@@ -1,2 +1,3 @@
-"""The poisoning audit (DESIGN.md section 4): poisoners with ground truth, representations, the audit
-methods that score them, the decisions, and the detection metrics."""
+"""The poisoning audit (DESIGN.md section 4): representations, the audit methods that score them
+(methods/), the per-class decisions (scoring.py) and verdicts (verdicts.py), the streaming audit, the
+results tables and the detection metrics. The attacks it is tested against live in robustdata.poison."""

@@ -136,20 +136,9 @@ def nearest_other_centroid(inputs: torch.Tensor, labels: torch.Tensor, centroids
     return distance.min(1).values
 
 
-def poisoned_classes(separations: torch.Tensor, side_fractions: torch.Tensor, kappa: float = KAPPA
-                     ) -> tuple[torch.Tensor, float]:
-    """(poisoned mask per class, threshold): separations far above the classes' robust centre,
-    whose poison side is not most of the class.
-
-    The second condition is a consistency check between the two halves of the
-    decision. A natural tail of a class (oddly written 1s or 9s) can split off
-    nearly as cleanly as a poison cluster, but then the input-space rule finds
-    the *bulk* nearer the other classes and names it the poison side. Poisons
-    are at most about half of a class (all-to-one at 10% of MNIST: 50.3% of
-    class 0), so a poison side above MAX_POISON_SIDE contradicts the split.
-    """
+def separation_scale(separations: torch.Tensor) -> tuple[float, float]:
+    """(centre, spread) of the classes' separations: their median and robust standard deviation."""
     centre = separations.median()
     # with few classes the MAD can be near zero by chance; D is scale-free, so floor it relatively
     spread = torch.maximum((separations - centre).abs().median() * MAD_TO_SD, MIN_RELATIVE_SPREAD * centre)
-    threshold = float(centre + kappa * spread)
-    return (separations > threshold) & (side_fractions <= MAX_POISON_SIDE), threshold
+    return float(centre), float(spread)

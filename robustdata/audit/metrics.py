@@ -1,4 +1,4 @@
-"""Detection metrics against ground truth (poisons planted by robustdata.audit.poisoners).
+"""Detection metrics against ground truth (poisons planted by robustdata.poison).
 
 AUROC is the Mann-Whitney statistic with ties counted half; AUPRC is average
 precision (the step-wise area, as sklearn's average_precision_score). Both are a

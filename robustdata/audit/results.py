@@ -12,6 +12,7 @@ import torch
 
 from robustdata.audit.metrics import detection_metrics
 from robustdata.audit.scoring import AuditResult, NonFiniteFeaturesError
+from robustdata.audit.verdicts import INCONCLUSIVE, POISONED, VERDICTS, overall_verdict
 from robustdata.config import AuditParams
 from robustdata.data.derived import module_sha256
 from robustdata.data.memory import InMemoryDataset
@@ -21,7 +22,7 @@ from robustdata.io import code_version
 # the library modules whose code decides the audit's scores and the filtered set (recorded in both): every
 # audit method's file too, so a method added to audit/methods/ is recorded without being listed here
 AUDIT_MODULES = ("audit/features.py", "audit/spectral.py", "audit/spectre.py", "audit/clustering.py",
-                 "audit/filtering.py", "audit/scoring.py", "data/derived.py",
+                 "audit/filtering.py", "audit/scoring.py", "audit/verdicts.py", "data/derived.py",
                  *sorted(f"audit/methods/{path.name}" for path in (Path(__file__).parent / "methods").glob("*.py")))
 # where and how the work runs, not what it computes: left out of the filtered set's card
 EXECUTION_ONLY = {"workers", "dask"}
@@ -54,10 +55,12 @@ def check_finite_scores(result: AuditResult) -> None:
 
 
 def scores_table(data: InMemoryDataset, manifest: pa.Table, result: AuditResult) -> pa.Table:
-    """One row per audited sample: key, label, ground truth, and `<method>_score` / `<method>_flagged`."""
+    """One row per audited sample: key, first origin (the user's file), label, ground truth, and
+    `<method>_score` / `<method>_flagged`."""
     check_finite_scores(result)
     columns: dict[str, Any] = {
         "key": pa.array(data.keys, pa.string()),
+        "first_origin": pa.array(data.first_origins, pa.string()),
         "label": pa.array(data.labels.tolist(), pa.int32()),
         "is_poison": manifest.column("is_poison").combine_chunks(),
         "source_label": manifest.column("source_label").combine_chunks(),
@@ -66,6 +69,14 @@ def scores_table(data: InMemoryDataset, manifest: pa.Table, result: AuditResult)
         columns[f"{method}_score"] = pa.array(result.scores[method].cpu().numpy(), pa.float64())
         columns[f"{method}_flagged"] = pa.array(result.flagged[method].cpu().numpy(), pa.bool_())
     return pa.table(columns, metadata={"kind": "robustdata.audit_scores", "schema_version": "1"})
+
+
+def flagged_table(scores: pa.Table, method: str) -> pa.Table:
+    """The samples `method` flags, most suspicious first: key, first origin (the user's file), label, score."""
+    flagged = scores.filter(scores.column(f"{method}_flagged"))
+    flagged = flagged.sort_by([(f"{method}_score", "descending"), ("key", "ascending")])
+    return flagged.select(["key", "first_origin", "label", f"{method}_score"]).rename_columns(
+        ["key", "first_origin", "label", "score"])
 
 
 def method_metrics(data: InMemoryDataset, result: AuditResult, truth: torch.Tensor | None) -> dict[str, Any]:
@@ -92,9 +103,12 @@ def audit_summary(params: AuditParams, data: InMemoryDataset, result: AuditResul
         "mode": "auto" if result.eps is None else "eps",
         "eps": result.eps, "num_samples": len(data), "num_flagged": int(result.removed.sum()),
         "ground_truth": truth is not None, "threshold": result.threshold,
-        "poisoned_classes": [c["label"] for c in classes if c["poisoned"]],
+        "verdict": overall_verdict(c["verdict"] for c in classes),
+        "poisoned_classes": [c["label"] for c in classes if c["verdict"] == POISONED],
+        "inconclusive_classes": [c["label"] for c in classes if c["verdict"] == INCONCLUSIVE],
         "classes": classes, "methods": method_metrics(data, result, truth), "seconds": seconds,
-        "model": {"path": str(params.model), "arch": model_sidecar["arch"],
+        "model": {"path": params.model_spec or str(params.model), "arch": model_sidecar["arch"],
+                  "weights_path": model_sidecar.get("weights_path"),
                   "weights_sha256": model_sidecar.get("weights_sha256"),
                   "train_manifest_sha256": model_sidecar.get("data", {}).get("train_manifest_sha256")},
         # what was audited: later stages refuse data changed since (check_audited)
@@ -108,8 +122,10 @@ def gate_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The few numbers a CI job gates on (DVC metrics)."""
     removal = summary["methods"][summary["removal_method"]]["metrics"]
     overall = removal["overall"] if removal else {}
-    return {"num_flagged": summary["num_flagged"], "flagged_fraction": summary["num_flagged"] / summary["num_samples"],
+    return {"verdict": summary["verdict"], "verdict_code": VERDICTS.index(summary["verdict"]),  # 0 clean, 1, 2 poisoned
+            "num_flagged": summary["num_flagged"], "flagged_fraction": summary["num_flagged"] / summary["num_samples"],
             "poisoned_classes": len(summary["poisoned_classes"]),
+            "inconclusive_classes": len(summary["inconclusive_classes"]),
             **{k: overall.get(k) for k in ("tpr", "fpr", "precision", "auroc", "auprc") if overall}}
 
 
@@ -123,8 +139,8 @@ def filtered_rows(data: InMemoryDataset, manifest: pa.Table, keep: torch.Tensor)
     """The lineage rows of the kept samples (indices `keep`) for the filtered set's manifest."""
     columns = {name: manifest.column(name).to_pylist() if name in manifest.schema.names else [None] * len(data)
                for name in LINEAGE_COLUMNS}
-    return [{"key": data.keys[i], "origin_key": data.keys[i], **{name: columns[name][i] for name in LINEAGE_COLUMNS}}
-            for i in keep.tolist()]
+    return [{"key": data.keys[i], "origin_key": data.keys[i], "first_origin": data.first_origins[i],
+             **{name: columns[name][i] for name in LINEAGE_COLUMNS}} for i in keep.tolist()]
 
 
 def check_audited(summary: dict[str, Any], manifest_sha256: str, path: str | Path) -> None:

@@ -55,10 +55,12 @@ from typing import Any, Callable
 import torch
 
 from robustdata.audit.clustering import DIMS as CLUSTER_DIMS
-from robustdata.audit.filtering import KAPPA, best_split, nearest_other_class_distance, poison_side, poisoned_classes
+from robustdata.audit.filtering import (KAPPA, MAX_POISON_SIDE, best_split, nearest_other_class_distance, poison_side,
+                                        separation_scale)
 from robustdata.audit.methods import registry
 from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method
 from robustdata.audit.spectral import ClassPCA, class_pca
+from robustdata.audit.verdicts import CLEAN_MEDIAN_MAX, POISONED, class_verdict
 from robustdata.errors import RobustDataError
 
 METHODS = tuple(registry())  # every audit method (robustdata/audit/methods/), in the order they run
@@ -300,17 +302,17 @@ def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, 
 
 
 def judge_classes(per_class: list[dict[str, Any]], kappa: float) -> float | None:
-    """Mark each entry poisoned or not, with the threshold and the estimated poisons; the threshold
-    (None when no class was scored)."""
+    """Give each entry its verdict (verdicts.py) with the reasons, its robust z, the threshold and the
+    estimated poisons; return the threshold (None when no class was scored)."""
     scored = [c for c in per_class if c["statistic"] is not None]
-    if scored:
-        poisoned, threshold = poisoned_classes(torch.tensor([c["statistic"] for c in scored]),
-                                               torch.tensor([c["side_size"] / c["n"] for c in scored]), kappa)
-    else:
-        poisoned, threshold = torch.zeros(0, dtype=torch.bool), None
-    poisoned_iter = iter(poisoned.tolist())
+    centre, spread = separation_scale(torch.tensor([c["statistic"] for c in scored])) if scored else (None, None)
+    threshold = None if centre is None else centre + kappa * spread
     for entry in per_class:
-        entry["poisoned"] = next(poisoned_iter) if entry["statistic"] is not None else False
+        if entry["statistic"] is not None:
+            entry["z"] = (entry["statistic"] - centre) / spread
+        entry["verdict"], entry["reasons"] = class_verdict(entry, kappa, calibrated=centre is None or
+                                                           centre <= CLEAN_MEDIAN_MAX, max_poison_side=MAX_POISON_SIDE)
+        entry["poisoned"] = entry["verdict"] == POISONED
         entry["threshold"] = threshold
         entry["estimated_poisons"] = entry.get("side_size", 0) if entry["poisoned"] else 0
     return threshold

@@ -42,10 +42,12 @@ is the model's; the generator must live there too.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,6 +58,8 @@ from robustdata.audit.methods.base import AuditOptions
 from robustdata.audit.scoring import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
                                       min_samples, pca_rank, size_status)
 from robustdata.audit.spectral import ClassPCA
+from robustdata.data.manifest import Dataset
+from robustdata.data.shards import iter_shards
 from robustdata.errors import RobustDataError
 from robustdata.train.models import representation
 from robustdata.progress import progress_bar
@@ -67,6 +71,43 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class StreamAuditResult(AuditResult):
     labels: torch.Tensor | None = None  # (N,) int64, in stream order (what the scores are indexed by)
+
+
+def shard_batches(dataset: Dataset, batch_size: int) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """A stream of a dataset's (uint8 images (B, C, H, W), labels (B,)) batches in its shards' order (the
+    manifest's), decoded shard by shard: a fresh iterator per call, one batch in memory."""
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        for sample in iter_shards(dataset.shards, num_classes=len(dataset.classes)):
+            images.append(sample.image)
+            labels.append(sample.label)
+            if len(images) == batch_size:
+                yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels)
+                images, labels = [], []
+        if images:
+            yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels)
+    return batches
+
+
+def in_memory_bytes(card: dict, feature_dim: int = 512) -> int:
+    """What the in-memory audit of a dataset holds: its decoded images (uint8) and one float32 feature row of
+    `feature_dim` (a typical penultimate layer) per sample, twice over for the working copies."""
+    height, width, channels = card.get("image_shape") or (224, 224, 3)
+    return 2 * card["num_samples"] * (height * width * channels + 4 * feature_dim)
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def should_stream(choice: bool | None, card: dict) -> bool:
+    """Whether to audit by streaming: as asked, or (None) when the in-memory audit would take more than half
+    the machine's memory."""
+    if choice is not None:
+        return choice
+    return in_memory_bytes(card) > memory_bytes() // 2
 
 
 class TensorBatches:

@@ -21,9 +21,11 @@ from robustdata.data.shards import Sample, write_shards
 from robustdata.io import code_version
 from robustdata.progress import progress_bar
 
-# Lineage columns beyond the base manifest schema.
+# Lineage columns beyond the base manifest schema: the backdoor of a planted poison or cover sample, and the
+# sample's first origin (the user's file), which origin_key (the parent's key) loses one step down.
 TRIGGER_FIELD = pa.field("trigger", pa.string())
-DERIVED_SCHEMA = manifest_schema([TRIGGER_FIELD])
+FIRST_ORIGIN_FIELD = pa.field("first_origin", pa.string())
+DERIVED_SCHEMA = manifest_schema([TRIGGER_FIELD, FIRST_ORIGIN_FIELD])
 SHARD_SIZE = 10000
 
 
@@ -41,23 +43,29 @@ def derived_samples(images: torch.Tensor, labels: torch.Tensor, rows: list[dict[
         yield Sample(row["key"], hwc[index], int(labels[index]), info)
 
 
-def write_derived(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, rows: list[dict[str, Any]], *,
-                  classes: list[str], name: str, split: str, source: Dataset, stage: str,
-                  params: dict[str, Any], modules: tuple[str, ...], progress: bool = True) -> dict[str, Any]:
+def write_derived(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, rows: list[dict[str, Any]],
+                  **card: Any) -> dict[str, Any]:
     """Write images (N, C, H, W uint8), labels and per-sample lineage rows; return the card.
 
-    rows[i] holds at least `key` and `origin_key`; optional `source_label`,
-    `is_poison`, `trigger`. The card is written last: its presence marks a
-    finished dataset.
+    rows[i] holds at least `key`, `origin_key` and `first_origin`; optional
+    `source_label`, `is_poison`, `trigger`. `card`: write_derived_samples's keywords.
     """
+    return write_derived_samples(out_dir, derived_samples(images, labels, rows), len(rows),
+                                 [images.shape[2], images.shape[3], images.shape[1]], **card)
+
+
+def write_derived_samples(out_dir: Path, samples: Iterator[Sample], count: int, image_shape: list[int] | None, *,
+                          classes: list[str], name: str, split: str, source: Dataset, stage: str,
+                          params: dict[str, Any], modules: tuple[str, ...], progress: bool = True) -> dict[str, Any]:
+    """Write `count` samples (HWC uint8, each with its lineage info) as a dataset; return the card, written
+    last: its presence marks a finished dataset. Streams: one shard in memory at a time."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = progress_bar(derived_samples(images, labels, rows), total=len(rows), unit="img",
-                           desc=f"write {name}/{split}", disable=not progress, leave=False)
+    samples = progress_bar(samples, total=count, unit="img", desc=f"write {name}/{split}", disable=not progress,
+                           leave=False)
     manifest_rows = write_shards(samples, out_dir, SHARD_SIZE)
     manifest_sha = write_manifest(out_dir / MANIFEST_NAME, manifest_rows, DERIVED_SCHEMA)
     return write_dataset_card(
-        out_dir, manifest_rows, manifest_sha, name=name, split=split, classes=classes,
-        image_shape=[images.shape[2], images.shape[3], images.shape[1]],
+        out_dir, manifest_rows, manifest_sha, name=name, split=split, classes=classes, image_shape=image_shape,
         inputs={"source": str(source.root), "manifest_sha256": source.card["manifest"]["sha256"]},
         params=params, built_by={"stage": stage, **code_version(), "modules_sha256": module_sha256(*modules)})

@@ -41,6 +41,17 @@ MANIFEST_FIELDS = [
 ]
 
 
+def first_origins(manifest: pa.Table) -> list[str]:
+    """Each sample's first origin: where the user's data had it (an ImageFolder file's path, a shard's key),
+    carried down every derived dataset (`first_origin`); an ingest's own `origin_key`; else the key."""
+    keys = manifest.column("key").to_pylist()
+    for name in ("first_origin", "origin_key"):
+        if name in manifest.schema.names:
+            values = manifest.column(name).to_pylist()
+            return [value if value is not None else key for value, key in zip(values, keys)]
+    return keys
+
+
 def manifest_schema(extra_fields: Iterable[pa.Field] = ()) -> pa.Schema:
     """The versioned manifest schema; later builders append their own columns."""
     return pa.schema(MANIFEST_FIELDS + list(extra_fields),

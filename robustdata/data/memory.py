@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from robustdata.data.manifest import Dataset, open_dataset, read_manifest
+from robustdata.data.manifest import Dataset, first_origins, open_dataset, read_manifest
 from robustdata.data.shards import decode_image, decode_label, iter_shard_records
 from robustdata.errors import DataError, IntegrityError
 from robustdata.progress import progress_bar
@@ -29,12 +29,17 @@ class InMemoryDataset:
     labels: torch.Tensor  # (N,) int64
     keys: list[str]
     classes: list[str]
+    origins: list[str] | None = None  # each sample's first origin (manifest.first_origins); None: its key
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def first_origins(self) -> list[str]:
+        return self.keys if self.origins is None else self.origins
+
     def to(self, device: torch.device | str) -> "InMemoryDataset":
-        return InMemoryDataset(self.images.to(device), self.labels.to(device), self.keys, self.classes)
+        return InMemoryDataset(self.images.to(device), self.labels.to(device), self.keys, self.classes, self.origins)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -46,6 +51,30 @@ class InMemoryDataset:
         for start in range(0, stop, batch_size):
             index = order[start:start + batch_size]
             yield self.images[index].float().div_(255.0), self.labels[index]
+
+
+@dataclass
+class SampleIndex:
+    """What a dataset's manifest says of its samples, without their images: for audits that stream."""
+
+    keys: list[str]
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    origins: list[str]    # each sample's first origin (manifest.first_origins)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def first_origins(self) -> list[str]:
+        return self.origins
+
+
+def sample_index(dataset: Dataset) -> SampleIndex:
+    """The index of an opened dataset, read from its manifest."""
+    manifest = read_manifest(dataset.manifest_path)
+    labels = torch.tensor(manifest.column("label").to_pylist(), dtype=torch.int64)
+    return SampleIndex(manifest.column("key").to_pylist(), labels, dataset.classes, first_origins(manifest))
 
 
 def load_in_memory(root: str | Path | Dataset, *, verify: bool = True, progress: bool = True,
@@ -71,7 +100,7 @@ def load_in_memory(root: str | Path | Dataset, *, verify: bool = True, progress:
         if cache:
             write_decoded(cache, images)
     return InMemoryDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                           torch.tensor(labels, dtype=torch.int64), keys, dataset.classes)
+                           torch.tensor(labels, dtype=torch.int64), keys, dataset.classes, first_origins(manifest))
 
 
 def check_rows(dataset: Dataset, keys: list[str], labels: list[int]) -> None:

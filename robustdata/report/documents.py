@@ -25,11 +25,12 @@ FIGURES_DIR = "figures"
 # Audit report: public entry points
 
 
-def write_audit_report(out_dir: Path, summary: dict, scores: pa.Table, images: torch.Tensor,
+def write_audit_report(out_dir: Path, summary: dict, scores: pa.Table, images: torch.Tensor | None,
                        loop: dict | None = None, classes: list[str] | None = None) -> dict[str, Path]:
     """Write out_dir/report.md, out_dir/report.html and out_dir/figures/*.png; return their paths.
 
-    `scores` has one row per training sample, aligned with `images` (N, C, H, W) uint8 with C in {1, 3};
+    `scores` has one row per training sample, aligned with `images` (N, C, H, W) uint8 with C in {1, 3}
+    (None: a streamed audit, which holds no images; the report then draws no image grids);
     `classes`, when given, names label i `classes[i]` (overriding the names in `summary`). The returned
     dict maps "markdown", "html", "score_histograms" and "suspicious_<label>" to the written files.
     Same inputs give byte-identical files.
@@ -48,7 +49,7 @@ def write_audit_report(out_dir: Path, summary: dict, scores: pa.Table, images: t
 
     method = summary["removal_method"]
     save("score_histograms", f"{method} score per class", plots.histogram_figure(summary, columns))
-    for c in _grid_classes(summary):
+    for c in _grid_classes(summary) if images is not None else []:
         save(f"suspicious_{c['label']}", f"Most suspicious images of class {c['name']} (label {c['label']})",
              plots.suspicious_figure(c, columns, images, method))
     # The documents last: a report that exists never links to a figure that does not.
@@ -81,7 +82,7 @@ def _with_class_names(summary: dict, classes: list[str] | None) -> dict:
     return {**summary, "classes": named}
 
 
-def _audit_columns(summary: dict, scores: pa.Table, images: torch.Tensor) -> plots.ScoreColumns:
+def _audit_columns(summary: dict, scores: pa.Table, images: torch.Tensor | None) -> plots.ScoreColumns:
     method = summary["removal_method"]
     if method not in summary["methods"]:
         raise RobustDataError(f"removal method {method!r} is not an audited method: {sorted(summary['methods'])}")
@@ -89,9 +90,9 @@ def _audit_columns(summary: dict, scores: pa.Table, images: torch.Tensor) -> plo
     missing = [name for name in needed if name not in scores.column_names]
     if missing:
         raise RobustDataError(f"scores table lacks columns {missing}; it has {scores.column_names}")
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+    if images is not None and (images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3)):
         raise RobustDataError(f"images must be uint8 (N, C, H, W), C 1 or 3, not {images.dtype} {tuple(images.shape)}")
-    if len(images) != scores.num_rows or scores.num_rows == 0:
+    if images is not None and len(images) != scores.num_rows or scores.num_rows == 0:
         raise RobustDataError(f"{scores.num_rows} score rows for {len(images)} images: must be aligned and non-empty")
     score = scores[f"{method}_score"].to_numpy(zero_copy_only=False).astype(np.float64)
     if not np.isfinite(score).all():
@@ -106,8 +107,9 @@ def _audit_columns(summary: dict, scores: pa.Table, images: torch.Tensor) -> plo
 
 
 def _grid_classes(summary: dict) -> list[dict]:
-    """Classes judged poisoned; when none is, the most anomalous one, so the reader still sees its top images."""
-    poisoned = [c for c in summary["classes"] if c["poisoned"]]
+    """Classes judged poisoned or inconclusive; when none is, the most anomalous one, so the reader still sees
+    its top images."""
+    poisoned = [c for c in summary["classes"] if c.get("verdict", "poisoned" if c["poisoned"] else "clean") != "clean"]
     if poisoned or not summary["classes"]:
         return poisoned
     return [max(summary["classes"], key=lambda c: -math.inf if c["statistic"] is None else c["statistic"])]
@@ -143,7 +145,13 @@ def _removal_metrics(summary: dict) -> dict | None:
 
 def _headline(summary: dict) -> list[str]:
     method, n, flagged = summary["removal_method"], summary["num_samples"], summary["num_flagged"]
-    items = [f"Flagged {flagged} of {n} samples ({percent(flagged / n if n else None)}) for removal by {method}."]
+    verdict = summary.get("verdict")
+    reasons = [f"{c['name']}: {'; '.join(c['reasons'])}" for c in summary["classes"]
+               if c.get("verdict") == "inconclusive"]
+    items = [f"Verdict: {verdict}." + (" Inconclusive classes (the audit cannot rule out poisoning): "
+                                       + " | ".join(reasons) + "." if reasons else "")] if verdict else []
+    items += [f"Flagged {flagged} of {n} samples ({percent(flagged / n if n else None)}) for removal by {method}; "
+             "flagged.csv lists them, most suspicious first, with the file each came from (first_origin)."]
     poisoned = [c for c in summary["classes"] if c["poisoned"]]
     items.append("Classes judged poisoned: " + ", ".join(
         f"{c['name']} (≈{c['estimated_poisons']} poisons)" for c in poisoned) + "." if poisoned
@@ -183,21 +191,21 @@ def _loop_table(loop: dict) -> DocTable:
 def _class_table(summary: dict) -> DocTable:
     metrics = _removal_metrics(summary)
     per_class = {m["label"]: m for m in metrics["per_class"]} if metrics else {}
-    header = ["class", "label", "n", "budget", "flagged", "est. poisons", "statistic", "threshold", "poisoned",
+    header = ["class", "label", "n", "budget", "flagged", "est. poisons", "statistic", "z", "threshold", "verdict",
               "status"]
     if metrics:
         header += ["true poisons", "TP", "FP", "TPR", "FPR"]
     rows = []
     for c in summary["classes"]:
         row = [c["name"], str(c["label"]), str(c["n"]), number(c["budget"], "d"), str(c["flagged"]),
-               str(c["estimated_poisons"]), number(c["statistic"], ".4g"), number(c["threshold"], ".4g"),
-               "yes" if c["poisoned"] else "no", c.get("status", MISSING)]
+               str(c["estimated_poisons"]), number(c["statistic"], ".4g"), number(c.get("z"), ".2f"),
+               number(c["threshold"], ".4g"), c.get("verdict", MISSING), c.get("status", MISSING)]
         if metrics:
             m = per_class.get(c["label"], {})
             row += [number(c.get("poisons"), "d"), number(m.get("tp"), "d"), number(m.get("fp"), "d"),
                     percent(m.get("tpr")), percent(m.get("fpr"))]
         rows.append(row)
-    return DocTable(header, rows, [bool(c["poisoned"]) for c in summary["classes"]])
+    return DocTable(header, rows, [c.get("verdict") != "clean" for c in summary["classes"]])
 
 
 def _methods_table(summary: dict) -> DocTable:

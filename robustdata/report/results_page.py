@@ -12,18 +12,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+from robustdata.config import Params
+from robustdata.errors import DataError
+from robustdata.io import read_json
 from robustdata.report.formats import number, percent
 from robustdata.report.render import DocImage, DocTable, Document, write_documents
 from robustdata.report.robustify import KIND_NAMES, accuracy_cells, attack_title, kinds_and_attacks
+
+
+def metrics_files(params: Params) -> dict[str, Path]:
+    """Where each stage's metrics live (DVC metrics files, all of them)."""
+    return {"audit": Path(params.audit.report) / "metrics.json",
+            "audit_loop": Path(params.audit_eval.out) / "metrics.json",
+            "robustify": Path(params.robustify_eval.out) / "summary.json",
+            "evaluate": Path(params.evaluate.out) / "metrics.json"}
+
+
+def results_page(params: Params) -> dict[str, Any]:
+    """reports/index.html + index.md from whatever stages have run; an error if none has."""
+    # a stage that has not run has no metrics yet; one whose file is unreadable is an error (read_json)
+    inputs = {name: read_json(path) if path.exists() else None for name, path in metrics_files(params).items()}
+    if not any(inputs.values()):
+        raise DataError("no stage results to show: run `make run` or `dvc repro` first", path=params.results.out)
+    figure_dirs = [Path(params.audit_eval.out), Path(params.robustify_eval.out)]
+    paths = write_results_page(Path(params.results.out), inputs, figure_dirs)
+    return {"html": str(paths["html"]), "markdown": str(paths["markdown"]),
+            "sections": [name for name, value in inputs.items() if value]}
 
 
 def audit_table(audit_metrics: dict[str, Any] | None, loop_metrics: dict[str, Any] | None) -> list:
     """Bullets from the audit's gate metrics, and the before/after table (clean accuracy and ASR per model)."""
     blocks: list = []
     if audit_metrics:
-        bullets = [f"flagged {audit_metrics['num_flagged']} samples "
+        verdict = f"verdict {audit_metrics['verdict']}: " if "verdict" in audit_metrics else ""
+        inconclusive = (f", {audit_metrics['inconclusive_classes']} inconclusive"
+                        if audit_metrics.get("inconclusive_classes") else "")
+        bullets = [f"{verdict}flagged {audit_metrics['num_flagged']} samples "
                    f"({percent(audit_metrics['flagged_fraction'])} of the training set), "
-                   f"{audit_metrics['poisoned_classes']} class(es) judged poisoned"]
+                   f"{audit_metrics['poisoned_classes']} class(es) judged poisoned{inconclusive}"]
         if audit_metrics.get("tpr") is not None:
             bullets.append(f"against the planted canaries: TPR {percent(audit_metrics['tpr'])}, "
                            f"FPR {percent(audit_metrics['fpr'])}, AUROC {number(audit_metrics['auroc'], '.4f')}")

@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from matplotlib.figure import Figure
 
 from robustdata.io import write_json_atomic
-from robustdata.report.figures import write_png
 from robustdata.report.formats import MISSING, mean_std
 from robustdata.report.render import DocImage, DocTable, Document, render_markdown, write_documents
+
+if TYPE_CHECKING:  # the figures import them when drawn: the results page reads tables only, and starts fast
+    import torch
+    from matplotlib.figure import Figure
 
 FIGURES_DIR = "figures"
 PLOTS_DIR = "plots"  # DVC plots data: robust accuracy against eps, one file per threat model
@@ -109,7 +112,7 @@ def _gray(ax, image: np.ndarray, caption: str, cmap: str = "gray", vmin: float =
 
 def _hwc(images: torch.Tensor) -> np.ndarray:
     """uint8 or float (N, C, H, W) -> float (N, H, W[, C]) in [0, 1] for imshow."""
-    array = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    array = images.float().div(255.0) if not images.is_floating_point() else images.float()
     array = array.permute(0, 2, 3, 1).cpu().numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
 
@@ -117,6 +120,8 @@ def _hwc(images: torch.Tensor) -> np.ndarray:
 def image_rows_figure(rows: list[tuple[str, torch.Tensor, list[str]]], title: str) -> Figure:
     """A grid: one row per (row title, images (n, C, H, W), captions)."""
     n = max(len(images) for _, images, _ in rows)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(1.1 * n + 1.2, 1.35 * len(rows) + 0.4))
     axes = figure.subplots(len(rows), n, squeeze=False)
     for r, (name, images, captions) in enumerate(rows):
@@ -136,6 +141,8 @@ def image_rows_figure(rows: list[tuple[str, torch.Tensor, list[str]]], title: st
 def saliency_figure(images: torch.Tensor, gradients: dict[str, torch.Tensor], labels: list[str]) -> Figure:
     """Images, then each model's input gradient per image (diverging colours, scaled per image)."""
     n = len(images)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(1.1 * n + 1.2, 1.35 * (1 + len(gradients)) + 0.4))
     axes = figure.subplots(1 + len(gradients), n, squeeze=False)
     pictures = _hwc(images)
@@ -187,6 +194,8 @@ def report_markdown(results: dict[str, dict[str, Any]], builds: dict[str, dict[s
 def write_report(out_dir: Path, results: dict[str, dict[str, Any]], builds: dict[str, dict[str, Any]],
                  figures: dict[str, Figure]) -> dict[str, Path]:
     """figures/*.png, then metrics.json, summary.json, report.md and report.html under out_dir."""
+    from robustdata.report.figures import write_png  # torch and matplotlib: only where figures are written
+
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
     sources: dict[str, str] = {}

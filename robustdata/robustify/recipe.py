@@ -71,7 +71,8 @@ def samples_of(kind: str, data: InMemoryDataset, index: torch.Tensor, built: Bui
     hwc = images.permute(0, 2, 3, 1).numpy()
     out = []
     for row, i in enumerate(index.tolist()):
-        info: dict[str, Any] = {"origin_key": data.keys[i], "source_label": int(data.labels[i]), "kind": kind}
+        info: dict[str, Any] = {"origin_key": data.keys[i], "first_origin": data.first_origins[i],
+                                "source_label": int(data.labels[i]), "kind": kind}
         if built.start_index is not None:
             info["start_key"] = data.keys[int(built.start_index[row])] if built.start_index[row] >= 0 else None
             info["final_distance"] = float(built.final_distance[row])

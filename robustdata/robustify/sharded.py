@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from robustdata.data.cards import write_dataset_card
+from robustdata.data.derived import FIRST_ORIGIN_FIELD
 from robustdata.data.manifest import MANIFEST_NAME, manifest_schema, write_manifest
 from robustdata.data.shards import SHARD_NAME, Sample, write_shard
 from robustdata.io import dumps_json, read_json, replace_directory, sha256_file, write_json_atomic
@@ -40,6 +41,7 @@ PLAN_NAME = "plan.json"
 
 # Lineage of built samples, beyond the base manifest (origin_key, source_label).
 BUILD_FIELDS = [
+    FIRST_ORIGIN_FIELD,                       # the user's file the sample descends from (data.manifest)
     pa.field("kind", pa.string()),            # robust | nonrobust | rand | det
     pa.field("start_key", pa.string()),       # robust/nonrobust: the image the inversion started from
     pa.field("target_label", pa.int32()),     # rand/det: the label the image was pushed toward (= its label)
