@@ -117,8 +117,8 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
                            filter_rank=params.filter_rank, spectral_k=params.spectral_k, kappa=params.kappa,
                            eps_scope=params.eps_scope, generator=generator_for(params.seed, device))
     except NonFiniteFeaturesError as exc:
-        raise non_finite_features_error(exc, model=params.model_spec or params.model, data=train_set.root, layer=params.layer,
-                                        keys=data.keys) from exc
+        raise non_finite_features_error(exc, model=params.model_spec or params.model, data=train_set.root,
+                                        layer=params.layer, keys=data.keys) from exc
     summary = audit_summary(params, data, result, ground_truth(manifest), {"features": feature_seconds,
                             **result.seconds}, sidecar, train_set.card["manifest"]["sha256"])
     write_audit_outputs(params, summary, scores_table(data, manifest, result), data.images, data.classes)

@@ -55,12 +55,11 @@ from typing import Any, Callable
 import torch
 
 from robustdata.audit.clustering import DIMS as CLUSTER_DIMS
-from robustdata.audit.filtering import (KAPPA, MAX_POISON_SIDE, best_split, nearest_other_class_distance, poison_side,
-                                        separation_scale)
+from robustdata.audit.filtering import KAPPA, best_split, nearest_other_class_distance, poison_side, separation_scale
 from robustdata.audit.methods import registry
 from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method
 from robustdata.audit.spectral import ClassPCA, class_pca
-from robustdata.audit.verdicts import CLEAN_MEDIAN_MAX, POISONED, class_verdict
+from robustdata.audit.verdicts import POISONED, class_verdict
 from robustdata.errors import RobustDataError
 
 METHODS = tuple(registry())  # every audit method (robustdata/audit/methods/), in the order they run
@@ -310,8 +309,7 @@ def judge_classes(per_class: list[dict[str, Any]], kappa: float) -> float | None
     for entry in per_class:
         if entry["statistic"] is not None:
             entry["z"] = (entry["statistic"] - centre) / spread
-        entry["verdict"], entry["reasons"] = class_verdict(entry, kappa, calibrated=centre is None or
-                                                           centre <= CLEAN_MEDIAN_MAX, max_poison_side=MAX_POISON_SIDE)
+        entry["verdict"], entry["reasons"] = class_verdict(entry, kappa, median_separation=centre)
         entry["poisoned"] = entry["verdict"] == POISONED
         entry["threshold"] = threshold
         entry["estimated_poisons"] = entry.get("side_size", 0) if entry["poisoned"] else 0

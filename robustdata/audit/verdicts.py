@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from robustdata.audit.filtering import MAX_POISON_SIDE
+
 POISONED, CLEAN, INCONCLUSIVE = "poisoned", "clean", "inconclusive"
 VERDICTS = (CLEAN, INCONCLUSIVE, POISONED)  # in rising order of alarm
 KAPPA_DOUBT = 4.0       # robust z above which a class is at least inconclusive
@@ -45,19 +47,20 @@ CLEAN_MEDIAN_MAX = 5.0  # a median class separation above this voids the across-
 EMPTY = "empty"
 
 
-def class_verdict(entry: dict[str, Any], kappa: float, calibrated: bool, max_poison_side: float
-                  ) -> tuple[str, list[str]]:
-    """(verdict, reasons) of one class's audit entry (status, statistic, z, side_size, n)."""
+def class_verdict(entry: dict[str, Any], kappa: float, median_separation: float | None) -> tuple[str, list[str]]:
+    """(verdict, reasons) of one class's audit entry (status, statistic, z, side_size, n), given the median
+    separation of the audit's scored classes (None when none was scored)."""
     status = entry.get("status", "ok")
     if status == EMPTY:
         return CLEAN, ["no samples"]
     if status != "ok" or entry.get("statistic") is None:
         return INCONCLUSIVE, [f"not audited: {status}"]
     z, side = entry["z"], entry["side_size"] / entry["n"]
+    calibrated = median_separation is None or median_separation <= CLEAN_MEDIAN_MAX
     if not calibrated and entry["statistic"] > CLEAN_MEDIAN_MAX:
         return INCONCLUSIVE, [f"separation {entry['statistic']:.2f} with most classes above {CLEAN_MEDIAN_MAX}: "
                               "the across-class calibration is void (many classes poisoned?)"]
-    if z > kappa and side <= max_poison_side:
+    if z > kappa and side <= MAX_POISON_SIDE:
         return POISONED, [f"separation z {z:.1f} > {kappa:g}"]
     if z > kappa:
         return INCONCLUSIVE, [f"separation z {z:.1f} > {kappa:g}, but the side rule names {side:.0%} of the "
