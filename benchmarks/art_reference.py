@@ -1,6 +1,7 @@
-"""IBM ART's spectral-signature defence, run as a reference next to the project's audit.
+"""IBM ART's spectral-signature and activation-clustering defences, run as references next to the project's audit.
 
-ART (adversarial-robustness-toolbox) is in the dev extra; only benchmarks use it. From a script in benchmarks/: `from art_reference import art_spectral_signatures`.
+ART (adversarial-robustness-toolbox) is in the dev extra; only benchmarks use it. From a script in benchmarks/:
+`from art_reference import art_spectral_signatures, art_activation_clustering`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,29 @@ def _layer_pinned_classifier(model: nn.Module, layer: str, **kwargs):
     return LayerPinnedClassifier(model, **kwargs)
 
 
+def _art_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                layer_module_name: str):
+    """(classifier, layer, x, y): ART's view of the model pinned to one layer, and the data as ART takes it.
+
+    The classifier wraps an fp32 eval-mode copy (ART moves its model to its device, switches it to eval
+    and leaves a forward hook on it, none of which should leak into a model trained with bf16 autocast /
+    channels_last). x: float32 NCHW in [0, 1]; y: integer labels (ART's segment_by_class takes indices
+    as well as one-hot rows)."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W) uint8; got {tuple(images.shape)} {images.dtype}")
+    layer = getattr(model, "LAYERS", {}).get(layer_module_name, layer_module_name)
+    model.get_submodule(layer)  # fail here, with torch's message, on a name the model does not have
+
+    ref = copy.deepcopy(getattr(model, "_orig_mod", model)).float().eval()  # _orig_mod: torch.compile'd
+    classifier = _layer_pinned_classifier(
+        ref, layer, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]),
+        nb_classes=num_classes, clip_values=(0.0, 1.0),
+        device_type="gpu" if torch.cuda.is_available() else "cpu")
+    x = images.cpu().numpy().astype(np.float32) / 255.0
+    y = labels.cpu().numpy().astype(np.int64)
+    return classifier, layer, x, y
+
+
 def art_spectral_signatures(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                             num_classes: int, expected_poison_fraction: float, layer_module_name: str,
                             batch_size: int = 1000) -> dict:
@@ -61,20 +85,7 @@ def art_spectral_signatures(model: torch.nn.Module, images: torch.Tensor, labels
     import art
     from art.defences.detector.poison import SpectralSignatureDefense
 
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W) uint8; got {tuple(images.shape)} {images.dtype}")
-    layer = getattr(model, "LAYERS", {}).get(layer_module_name, layer_module_name)
-    model.get_submodule(layer)  # fail here, with torch's message, on a name the model does not have
-
-    ref = copy.deepcopy(getattr(model, "_orig_mod", model)).float().eval()  # _orig_mod: torch.compile'd
-    classifier = _layer_pinned_classifier(
-        ref, layer, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]),
-        nb_classes=num_classes, clip_values=(0.0, 1.0),
-        device_type="gpu" if torch.cuda.is_available() else "cpu")
-
-    x = images.cpu().numpy().astype(np.float32) / 255.0  # ART wants float numpy in [0, 1], NCHW
-    # Integer labels: ART's segment_by_class takes indices (1-D) as well as one-hot rows.
-    y = labels.cpu().numpy().astype(np.int64)
+    classifier, layer, x, y = _art_inputs(model, images, labels, num_classes, layer_module_name)
     defence = SpectralSignatureDefense(classifier, x, y, expected_pp_poison=expected_poison_fraction,
                                        batch_size=batch_size, eps_multiplier=1.5)
     start = time.perf_counter()
@@ -101,4 +112,59 @@ def art_spectral_signatures(model: torch.nn.Module, images: torch.Tensor, labels
             "input": "uint8/255, NCHW",
             "score": "ART: |<v, x>|, v top right-singular vector of centred class activations, x uncentred",
         },
+    }
+
+
+# ART's ActivationDefence defaults (art/defences/detector/poison/activation_defence.py, 1.20.1): 2 clusters,
+# 10 PCA dimensions, the smaller cluster of every class is the poison. Chen et al. 2018 ("Detecting
+# Backdoor Attacks on Deep Neural Networks by Activation Clustering", arXiv:1811.03728) reduce with ICA;
+# ART's class default is PCA (its module-level helpers default to FastICA): we run what the class runs.
+ART_CLUSTERING = {"nb_clusters": 2, "nb_dims": 10, "reduce": "PCA", "cluster_analysis": "smaller"}
+
+
+def art_activation_clustering(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                              num_classes: int, layer_module_name: str, seed: int = 0) -> dict:
+    """Run IBM ART's ActivationDefence (activation clustering) with its defaults on `model`.
+
+    Same inputs as art_spectral_signatures, without eps: activation clustering needs no budget. Per class,
+    ART reduces the layer's activations to 10 dimensions (PCA), splits them with 2-means and flags the
+    smaller cluster, in every class, poisoned or not (so about a third to a half of a clean class is
+    flagged). sklearn's KMeans and PCA are built by ART without a random_state, so they draw from numpy's
+    global generator: it is seeded with `seed` for the call and restored after, which makes the flags
+    repeatable (the benchmark caches retraining by the flags).
+
+    Returns {"flagged": bool (N,) True = ART says poison, "seconds_total": wall time of detect_poison (its
+    own activation pass included), "layer", "art_version", "smaller_cluster_fraction": per class, the
+    flagged share as ART reports it, "settings"}. The caller's model is not touched (see _art_inputs).
+    """
+    import art
+    from art.defences.detector.poison import ActivationDefence
+
+    classifier, layer, x, y = _art_inputs(model, images, labels, num_classes, layer_module_name)
+    defence = ActivationDefence(classifier, x, y)
+    saved_state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        start = time.perf_counter()
+        report, is_clean_lst = defence.detect_poison(**ART_CLUSTERING)
+        seconds = time.perf_counter() - start
+    finally:
+        np.random.set_state(saved_state)
+
+    flagged = np.asarray(is_clean_lst) == 0  # ART: is_clean_lst[i] == 1 clean, 0 poison
+    per_class = np.bincount(y[flagged], minlength=num_classes)
+    sizes = np.bincount(y, minlength=num_classes)
+    if (2 * per_class > sizes).any():  # "smaller" flags at most half of a class
+        raise RuntimeError("ART flagged more than half of a class with cluster_analysis='smaller': "
+                           "has its is_clean_lst convention changed?")
+    return {
+        "flagged": flagged,
+        "seconds_total": seconds,
+        "layer": layer,
+        "art_version": art.__version__,
+        "smaller_cluster_fraction": [float(n / max(total, 1)) for n, total in zip(per_class, sizes)],
+        "suspicious_clusters": int(report.get("suspicious_clusters", 0)),
+        "settings": {"defence": "art.defences.detector.poison.ActivationDefence", **ART_CLUSTERING,
+                     "clustering_method": "KMeans", "numpy_seed": seed, "device": str(classifier.device),
+                     "dtype": "float32", "input": "uint8/255, NCHW"},
     }

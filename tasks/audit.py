@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +17,8 @@ from robustdata.audit.metrics import attack_success_rate, clean_accuracy
 from robustdata.audit.results import (AUDIT_MODULES, EXECUTION_ONLY, audit_summary, check_audited, filtered_rows,
                                       flagged_table, gate_metrics, ground_truth, non_finite_features_error,
                                       scores_table, separation_plot)
-from robustdata.audit.scoring import NonFiniteFeaturesError, run_audit
+from robustdata.audit.run import audit_dataset
+from robustdata.audit.scoring import NonFiniteFeaturesError
 from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
 from robustdata.audit.streaming import shard_batches, should_stream, stream_audit
 from robustdata.data.derived import write_derived, write_derived_samples
@@ -103,24 +103,17 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
         return streamed_audit(params, model, sidecar, train_set, progress)
     data = load_in_memory(train_set, progress=progress)
     manifest = read_manifest(train_set.manifest_path)
-    if features is None:
-        start = time.perf_counter()
-        features = extract_features(model, data.images, params.layer, batch_size=params.batch_size,
-                                    progress=progress)
-        feature_seconds = time.perf_counter() - start
-    elif len(features) != len(data):
+    if features is not None and len(features) != len(data):
         raise DataError(f"features of {len(features)} samples were passed for {len(data)}", path=train_set.root)
-    inputs = data.images.to(device).flatten(1).float().div_(255.0)
     try:
-        result = run_audit(features.to(device), inputs, data.labels.to(device), len(data.classes), eps=params.eps,
-                           methods=tuple(params.methods), removal_method=params.removal_method, rank=params.rank,
-                           filter_rank=params.filter_rank, spectral_k=params.spectral_k, kappa=params.kappa,
-                           eps_scope=params.eps_scope, generator=generator_for(params.seed, device))
+        result = audit_dataset(model, data, params, features=features, progress=progress)
     except NonFiniteFeaturesError as exc:
         raise non_finite_features_error(exc, model=params.model_spec or params.model, data=train_set.root,
                                         layer=params.layer, keys=data.keys) from exc
-    summary = audit_summary(params, data, result, ground_truth(manifest), {"features": feature_seconds,
-                            **result.seconds}, sidecar, train_set.card["manifest"]["sha256"])
+    if feature_seconds is not None:
+        result.seconds["features"] = feature_seconds
+    summary = audit_summary(params, data, result, ground_truth(manifest), dict(result.seconds), sidecar,
+                            train_set.card["manifest"]["sha256"])
     write_audit_outputs(params, summary, scores_table(data, manifest, result), data.images, data.classes)
     write_filtered(params, train_set, data, manifest, result.removed.cpu(), progress)
     return audit_outcome(params, summary)

@@ -709,7 +709,7 @@ def with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
 @pytest.mark.parametrize("overrides, message", [
     ({"features": with_value(planted(0.10).features, float("nan"))}, "NaN or inf"),
     ({"features": with_value(planted(0.10).features, float("inf"))}, "NaN or inf"),
-    ({"methods": ("filter", "magic")}, r"unknown audit method\(s\) \['magic'\]; valid: \['filter'"),
+    ({"methods": ("filter", "magic")}, r"unknown audit method\(s\) \['magic'\]; valid: \['transplant', 'filter'"),
     ({"removal_method": "oracle"}, r"unknown audit method\(s\) \['oracle'\]"),
     ({"methods": ("spectral",)}, "removal method 'filter' must be one of the methods run"),
     ({"labels": planted(0.10).labels[:-1]}, "must have one row per sample"),
@@ -735,7 +735,7 @@ def test_a_subset_of_methods_runs_and_leaves_the_rest_out():
 
 # -------------------------------------------------------------- the method registry
 
-PAPER_METHODS = ("filter", "spectre", "spectral", "clustering")
+PAPER_METHODS = ("transplant", "filter", "spectre", "spectral", "clustering")
 
 
 @pytest.mark.parametrize("name", PAPER_METHODS)
@@ -747,7 +747,7 @@ def test_the_registry_finds_each_method_by_name(name):
 
 @pytest.mark.parametrize("name", ["magic", "Filter", "", "base"])
 def test_an_unknown_method_name_is_refused_with_the_valid_ones(name):
-    valid = r"\['clustering', 'filter', 'spectral', 'spectre'\]"
+    valid = r"\['clustering', 'filter', 'spectral', 'spectre', 'transplant'\]"
     with pytest.raises(RobustDataError, match=rf"unknown audit method '{name}'; valid: {valid}"):
         get_method(name)
 

@@ -108,8 +108,10 @@ def poison_side(split: Split, nearest_other: torch.Tensor) -> torch.Tensor:
 
 def oriented_scores(split: Split, poison: torch.Tensor) -> torch.Tensor:
     """Projection pointing toward the poison side, in robust standard deviations of the clean side."""
-    sign = 1.0 if split.high.equal(poison) else -1.0
-    values = sign * split.projection
+    # toward the poisons: for a side of the split, high or low; for any other group (the transplant test's), its mean
+    toward_high = split.high.equal(poison) or (not (~split.high).equal(poison) and poison.any() and (~poison).any()
+                                               and split.projection[poison].mean() > split.projection[~poison].mean())
+    values = split.projection if toward_high else -split.projection
     clean = values[~poison] if (~poison).any() else values
     centre = clean.median()
     spread = (clean - centre).abs().median().clamp_min(1e-12) * MAD_TO_SD

@@ -57,7 +57,7 @@ import torch
 from robustdata.audit.clustering import DIMS as CLUSTER_DIMS
 from robustdata.audit.filtering import KAPPA, best_split, nearest_other_class_distance, poison_side, separation_scale
 from robustdata.audit.methods import registry
-from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method
+from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method, Probe
 from robustdata.audit.spectral import ClassPCA, class_pca
 from robustdata.audit.verdicts import POISONED, class_verdict
 from robustdata.errors import RobustDataError
@@ -195,13 +195,14 @@ def pca_rank(methods: tuple[str, ...], options: AuditOptions) -> int:
 def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
               eps: float | None = None, methods: tuple[str, ...] = METHODS, removal_method: str = "filter",
               rank: int = 64, filter_rank: int = 16, spectral_k: int = 1, kappa: float = KAPPA,
-              eps_scope: str = "poisoned", generator: torch.Generator) -> AuditResult:
+              eps_scope: str = "poisoned", generator: torch.Generator, probe: Probe | None = None) -> AuditResult:
     """Audit one training set.
 
     features: (N, D) representations of the audited model; inputs: (N, P) the
     images flattened in [0, 1] (only used to tell which side of a split is the
     poison); labels: (N,) int64; eps: see the module docstring; methods: names
-    in the registry (robustdata/audit/methods/).
+    in the registry (robustdata/audit/methods/); probe: the images and the model,
+    for the methods that ask the model (methods/base.py; without it they skip).
     Raises NonFiniteFeaturesError when some features are NaN or inf.
     """
     check_inputs(features, inputs, labels, num_classes, methods, removal_method, eps, eps_scope)
@@ -213,7 +214,7 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
     counts = torch.bincount(labels, minlength=num_classes).tolist()
     scores, flagged, per_class, threshold = audit_classes(
         lambda label: class_pca(features, labels, label, q, generator), counts, nearest_other, methods=methods,
-        removal_method=removal_method, options=options, generator=generator)
+        removal_method=removal_method, options=options, generator=generator, probe=probe)
     seconds = {"scoring": time.perf_counter() - start}
     return AuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds)
 
@@ -224,7 +225,8 @@ Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # a scored class'
 
 
 def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_other: torch.Tensor, *,
-                  methods: tuple[str, ...], removal_method: str, options: AuditOptions, generator: torch.Generator
+                  methods: tuple[str, ...], removal_method: str, options: AuditOptions, generator: torch.Generator,
+                  probe: Probe | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]], float | None]:
     """(scores, flagged, per-class entries, threshold): every per-class decision of the audit.
 
@@ -246,7 +248,7 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
     for label, count in enumerate(counts):
         entry: dict[str, Any] = {"label": label, "n": count}
         per_class.append(entry)
-        view = class_view(label, count, pca_of, nearest_other, entry, options, generator)
+        view = class_view(label, count, pca_of, nearest_other, entry, options, generator, probe)
         if view is not None and score_class(view, selected, scores, flagged, entry, options, generator):
             # only the index, the side (and kept coordinates) outlive this step: O(n q) memory, not O(n D)
             kept[view.label] = (view.pca.index, view.side, view.pca.coords if keep_coords else None)
@@ -259,7 +261,8 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
 
 
 def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], nearest_other: torch.Tensor,
-               entry: dict[str, Any], options: AuditOptions, generator: torch.Generator) -> ClassView | None:
+               entry: dict[str, Any], options: AuditOptions, generator: torch.Generator,
+               probe: Probe | None = None) -> ClassView | None:
     """The class as the methods see it (its PCA, best split and poison side), or None when it cannot be
     scored (too few samples, constant features): then its status is in `entry`."""
     status = size_status(count, min_samples(options.filter_rank))
@@ -270,7 +273,7 @@ def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], neares
         entry.update(status=status, statistic=None)
         return None
     split = best_split(pca.coords[:, :options.filter_rank], generator)
-    return ClassView(label, pca, split, poison_side(split, nearest_other[pca.index]))
+    return ClassView(label, pca, split, poison_side(split, nearest_other[pca.index]), probe)
 
 
 def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, torch.Tensor],
@@ -283,6 +286,8 @@ def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, 
         result = method.score(view, options, generator)
         if result is not None:
             results[name] = result
+            if result.side is not None:  # the method decided which samples are the poisons (transplant)
+                view.side = result.side
     failed = [name for name, result in results.items() if not torch.isfinite(result.scores).all()]
     if not math.isfinite(view.split.separation):
         failed.insert(0, "split")

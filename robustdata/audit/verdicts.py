@@ -6,10 +6,13 @@ statistic D (filtering.py: how cleanly the class splits in two), as a robust z
 against the audit's other classes, and from whether the audit could read the
 class at all:
 
-- poisoned: z above kappa (the audit's threshold) and the input-space rule
-  names a poison side of at most MAX_POISON_SIDE of the class; its flagged
-  samples are removed;
-- inconclusive, when the evidence does not rule out poisoning:
+- poisoned: the transplant test decided the class (methods/transplant.py: a
+  group of its samples carries a pattern that moves other classes' images to
+  it; that group is removed), whatever its z; or z above kappa (the audit's
+  threshold) and the input-space rule names a poison side of at most
+  MAX_POISON_SIDE of the class; its flagged samples are removed;
+- inconclusive, when the evidence does not rule out poisoning (and the transplant
+  test decided nothing):
   * z above kappa but the side rule points at most of the class: the class
     splits far more cleanly than the others, but the rule cannot say which side
     is the poison. Dirty-label poisons are at most about half of a class
@@ -55,6 +58,11 @@ def class_verdict(entry: dict[str, Any], kappa: float, median_separation: float 
         return CLEAN, ["no samples"]
     if status != "ok" or entry.get("statistic") is None:
         return INCONCLUSIVE, [f"not audited: {status}"]
+    transplant = entry.get("transplant")
+    if transplant:
+        return POISONED, [f"the pattern of {transplant['group']} of the class ({transplant['pattern_pixels']} px) "
+                          f"moves {transplant['flip_rate']:.0%} of class {transplant['receiving_class']}'s images "
+                          f"to this class (the control patterns': {transplant['control_flip_rate']:.0%})"]
     z, side = entry["z"], entry["side_size"] / entry["n"]
     calibrated = median_separation is None or median_separation <= CLEAN_MEDIAN_MAX
     if not calibrated and entry["statistic"] > CLEAN_MEDIAN_MAX:

@@ -21,7 +21,7 @@ between classes or audits (the registry holds one instance of each).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -42,13 +42,27 @@ class AuditOptions:
 
 
 @dataclass
+class Probe:
+    """The audited images and the audited model, for methods that ask the model (the transplant test).
+    The in-memory audit has one; the streaming audit has none (its methods read features only)."""
+
+    images: torch.Tensor                 # (N, C, H, W) uint8, the audited set
+    classify: Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) floats in [0, 1] -> (n,) predicted labels
+    reference: torch.Tensor              # (R,) rows of a seeded sample of every class
+    reference_labels: torch.Tensor       # (R,) their labels
+    reference_predictions: torch.Tensor  # (R,) the model's predictions for them
+
+
+@dataclass
 class ClassView:
     """One scorable class before any class is judged (pass 1)."""
 
     label: int
     pca: ClassPCA        # principal coordinates; pca.index: (n,) rows into the audited set
     split: Split         # the filter's best two-means split of the class
-    side: torch.Tensor   # (n,) bool, the side of `split` taken for the poisons (filtering.poison_side)
+    side: torch.Tensor   # (n,) bool, the samples taken for the poisons: a side of `split`
+                         # (filtering.poison_side) unless a method decided otherwise (ClassScores.side)
+    probe: Probe | None = None
 
 
 @dataclass
@@ -72,6 +86,8 @@ class ClassScores:
     scores: torch.Tensor                      # (n,) float64, higher = more suspicious
     flags: torch.Tensor | None = None         # (n,) bool, or None: the method flags in pass 2
     info: dict[str, Any] = field(default_factory=dict)  # fields added to the class's per-class entry
+    side: torch.Tensor | None = None          # (n,) bool: the method's decision of which samples are the
+                                              # poisons, replacing ClassView.side for the methods after it
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""The transplant test (robustdata/audit/transplant.py, methods/transplant.py) on planted backdoors.
+
+The model is a nearest-prototype classifier with a planted backdoor: a bright 3x3
+patch (at a fixed place, or anywhere) adds a large logit to the target class. The
+audit reads features that place every sample by its prototype similarities and
+its patch strength, as a trained network's penultimate layer would.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robustdata.audit.run import probe_of
+from robustdata.audit.scoring import run_audit
+from robustdata.audit.transplant import Pattern, matches, paste, pattern_of
+from robustdata.audit.verdicts import CLEAN, POISONED
+from robustdata.data.memory import InMemoryDataset
+
+SIZE, CLASSES, PER_CLASS, TARGET = 16, 10, 200, 0
+PATCH = (slice(12, 15), slice(12, 15))
+
+
+def prototypes(generator: torch.Generator) -> torch.Tensor:
+    """(CLASSES + 1, 1, SIZE, SIZE) random stroke images; the last is class 1's second style."""
+    strokes = (torch.rand(CLASSES + 1, 1, SIZE, SIZE, generator=generator) < 0.25).float()
+    strokes[..., 11:, 11:] = 0.0  # no class draws where the trigger goes
+    return strokes
+
+
+class BackdooredClassifier(nn.Module):
+    """Nearest prototype (class 1 has two styles), plus GAIN for TARGET where a bright 3x3 patch is."""
+
+    GAIN = 50.0
+
+    def __init__(self, protos: torch.Tensor, anywhere: bool):
+        super().__init__()
+        self.protos = nn.Parameter(protos, requires_grad=False)
+        self.anywhere = anywhere
+
+    def patch_strength(self, x: torch.Tensor) -> torch.Tensor:
+        means = nn.functional.avg_pool2d(x, 3, stride=1)
+        return means.amax((1, 2, 3)) if self.anywhere else x[:, 0, PATCH[0], PATCH[1]].mean((1, 2))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(x.flatten(1), self.protos.flatten(1))
+        return torch.cat([-distances, self.patch_strength(x)[:, None] * 10], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        similarity = self.features(x)[:, :-1]
+        logits = torch.cat([similarity[:, :1], torch.maximum(similarity[:, 1:2], similarity[:, -1:]),
+                            similarity[:, 2:CLASSES]], 1)
+        return logits + self.GAIN * (self.patch_strength(x) > 0.5).float()[:, None] * nn.functional.one_hot(
+            torch.tensor(TARGET), CLASSES)
+
+
+def planted_set(poisons: int, anywhere: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    protos = prototypes(generator)
+    labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
+    style = labels.clone()
+    style[(labels == 1) & (torch.rand(len(labels), generator=generator) < 0.5)] = CLASSES  # class 1: two styles
+    images = protos[style] * (torch.rand(len(labels), 1, SIZE, SIZE, generator=generator) < 0.6)  # varied strokes
+    images += 0.1 * torch.randn(images.shape, generator=generator)
+    is_poison = torch.zeros(len(labels), dtype=torch.bool)
+    sources = torch.nonzero(labels != TARGET).flatten()
+    chosen = sources[torch.randperm(len(sources), generator=generator)[:poisons]]
+    for row in chosen.tolist():
+        top, left = (torch.randint(0, SIZE - 3, (2,), generator=generator).tolist() if anywhere else (12, 12))
+        images[row, :, top:top + 3, left:left + 3] = 1.0
+    labels[chosen], is_poison[chosen] = TARGET, True
+    uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    model = BackdooredClassifier(protos, anywhere)
+    return uint8, labels, is_poison, model
+
+
+def audit(images, labels, model):
+    data = InMemoryDataset(images, labels, [f"k{i}" for i in range(len(labels))], [str(c) for c in range(CLASSES)])
+    with torch.no_grad():
+        features = model.features(images.float() / 255)
+    features = torch.cat([features, 0.01 * torch.randn(len(features), 4, generator=torch.Generator().manual_seed(1))], 1)
+    return run_audit(features, images.flatten(1).float() / 255, labels, CLASSES, methods=("transplant", "filter"),
+                     rank=8, filter_rank=4, generator=torch.Generator().manual_seed(0),
+                     probe=probe_of(model, data, seed=0))
+
+
+def test_a_pattern_is_what_a_group_shares_and_the_others_lack():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(100, 1, 8, 8, generator=generator) * 0.5
+    group = torch.rand(30, 1, 8, 8, generator=generator) * 0.5
+    group[:, :, :2, :2] = 1.0
+    pattern = pattern_of(group, reference)
+    assert pattern.mask[0, :2, :2].all() and int(pattern.mask.sum()) == 4
+    pasted = paste(pattern, reference)
+    assert (pasted[:, :, :2, :2] == 1.0).all() and torch.equal(pasted[:, :, 2:], reference[:, :, 2:])
+    assert matches(pattern, group).all() and not matches(pattern, reference).any()
+    empty = Pattern(torch.zeros_like(pattern.mask), pattern.value, pattern.reference_mean)
+    assert not matches(empty, group).any()
+
+
+@pytest.mark.parametrize("poisons", [8, 60])  # 0.4% of the set (4% of the target class) and 3%
+def test_a_fixed_trigger_is_found_and_its_poisons_flagged(poisons):
+    images, labels, is_poison, model = planted_set(poisons, anywhere=False)
+    result = audit(images, labels, model)
+    entry = result.classes[TARGET]
+    assert entry["verdict"] == POISONED and entry["transplant"]["flip_rate"] >= 0.9
+    target = labels == TARGET
+    assert torch.equal(result.flagged["filter"][target], is_poison[target])  # every poison, nothing else
+    assert all(c["transplant"] is None for c in result.classes[1:])
+
+
+def test_two_natural_styles_of_a_class_are_not_a_trigger():
+    """Class 1 splits in two (its styles) and each side's strokes move images to class 1: alike, so undecided."""
+    images, labels, _, model = planted_set(0, anywhere=False)
+    result = audit(images, labels, model)
+    assert all(c.get("transplant") is None for c in result.classes)
+    assert result.classes[1]["side_size"] not in (0, PER_CLASS)
+
+
+def test_without_a_fixed_pattern_the_test_decides_nothing_and_clears_nothing():
+    """Fail-safe: a trigger at random positions breaks the test's assumption (one pattern in pixel space).
+    It then decides nothing, and the poisoned class is not called clean: the separation rules still flag it."""
+    images, labels, is_poison, model = planted_set(60, anywhere=True)
+    result = audit(images, labels, model)
+    entry = result.classes[TARGET]
+    assert entry["transplant"] is None
+    assert entry["verdict"] != CLEAN
