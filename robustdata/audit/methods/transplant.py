@@ -16,11 +16,27 @@ in-memory audit only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from robustdata.audit import transplant
 from robustdata.audit.methods import register
 from robustdata.audit.methods.base import AuditOptions, ClassScores, ClassView, Method, Probe
+
+
+@dataclass
+class Candidate:
+    """A group of the class's samples and what pasting its pattern does."""
+
+    name: str              # how the report names it
+    group: torch.Tensor    # (n,) bool
+    complete: bool         # a side of the split holds all the poisons; an isolated group, a sample of them
+    flip: transplant.Flip  # its pattern's
+    rest: transplant.Flip  # the rest of the class's pattern's
+
+    def margin(self, control: transplant.Flip) -> float:
+        return self.flip.rate - control.rate
 
 
 @register
@@ -42,32 +58,36 @@ class Transplant(Method):
             return transplant.flip_rate(transplant.pattern_of(images[rows], reference), view.label, reference,
                                         reference_labels, predictions, view.probe.classify)
 
-        high = view.split.high.cpu()
-        candidates = []
-        if view.split.separation > transplant.SPLIT_MIN_SEPARATION:
-            sides = (flip(high), flip(~high))
-            candidates = [("a side of the best split", high, sides[0], sides[1]),
-                          ("a side of the best split", ~high, sides[1], sides[0])]
-        whole = flip(torch.ones_like(high))  # an isolated group's rest is nearly the whole class
-        groups = transplant.outlier_groups(view.pca.coords[:, :options.filter_rank])
-        candidates += [(f"the most isolated {fraction:.1%}", group.cpu(), flip(group.cpu()), whole)
-                       for fraction, group in zip(transplant.OUTLIER_FRACTIONS, groups)]
         draws = torch.Generator().manual_seed(view.label)  # its own stream: the audit's draws stay as they were
         found = []
-        for name, group, tested, rest in candidates:
-            if tested.rate < transplant.FLIP_MIN:
+        for candidate in candidates(view, options, flip):
+            if candidate.flip.rate < transplant.FLIP_MIN:
                 continue
             # a small group agrees on more pixels by chance, and a larger pattern moves more images: compare
             # with as many samples of the class drawn at random, too
-            chance = flip(transplant.random_group(len(group), int(group.sum()), draws))
-            control = max(rest, chance, key=lambda f: f.rate)
-            if tested.rate - control.rate >= transplant.FLIP_GAP:
-                found.append((name, group, tested, control))
+            chance = flip(transplant.random_group(len(candidate.group), int(candidate.group.sum()), draws))
+            control = max(candidate.rest, chance, key=lambda f: f.rate)
+            if candidate.margin(control) >= transplant.FLIP_GAP:
+                found.append((candidate, control))
         if not found:
             return ClassScores(torch.zeros(len(images), dtype=torch.float64), info={"transplant": None})
-        # a side of the split is a whole set of poisons, an isolated group a sample of them: sides first
-        return decided(max(found, key=lambda c: (c[0].startswith("a side"), c[2].rate - c[3].rate)), images,
-                       reference, view)
+        # a complete set of poisons (a side) before a sample of them (an isolated group)
+        best = max(found, key=lambda pair: (pair[0].complete, pair[0].margin(pair[1])))
+        return decided(*best, images, reference, view)
+
+
+def candidates(view: ClassView, options: AuditOptions, flip) -> list[Candidate]:
+    """Both sides of a clearly separated split, then the class's most isolated groups, each tested."""
+    high = view.split.high.cpu()
+    found = []
+    if view.split.separation > transplant.SPLIT_MIN_SEPARATION:
+        sides = (flip(high), flip(~high))
+        found = [Candidate("a side of the best split", high, True, sides[0], sides[1]),
+                 Candidate("a side of the best split", ~high, True, sides[1], sides[0])]
+    whole = flip(torch.ones_like(high))  # an isolated group's rest is nearly the whole class
+    groups = transplant.outlier_groups(view.pca.coords[:, :options.filter_rank])
+    return found + [Candidate(f"the most isolated {fraction:.1%}", group.cpu(), False, flip(group.cpu()), whole)
+                    for fraction, group in zip(transplant.OUTLIER_FRACTIONS, groups)]
 
 
 def other_classes(probe: Probe, label: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,16 +97,17 @@ def other_classes(probe: Probe, label: int) -> tuple[torch.Tensor, torch.Tensor,
             probe.reference_predictions[keep])
 
 
-def decided(best, images: torch.Tensor, reference: torch.Tensor, view: ClassView) -> ClassScores:
-    """The scores, flags, side and report of a class whose candidate `best` the test decided."""
-    name, group, flip, control = best
-    pattern = transplant.pattern_of(images[group], reference)
+def decided(candidate: Candidate, control: transplant.Flip, images: torch.Tensor, reference: torch.Tensor,
+            view: ClassView) -> ClassScores:
+    """The scores, flags, side and report of a class whose candidate the test decided."""
+    pattern = transplant.pattern_of(images[candidate.group], reference)
     nearer = (images - pattern.value).abs() < (images - pattern.reference_mean).abs()
     share = nearer[:, pattern.mask].double().mean(1)
     # an isolated group is a sample of the poisons: remove every image that carries its pattern
-    side = group if name.startswith("a side") else transplant.carriers(pattern, images, group)
+    side = candidate.group if candidate.complete else transplant.carriers(pattern, images, candidate.group)
     device = view.pca.index.device
-    info = {"transplant": {"group": name, "group_size": int(group.sum()), "flip_rate": flip.rate,
-                           "receiving_class": flip.receiving, "control_flip_rate": control.rate,
-                           "pattern_pixels": flip.pixels, "poisons": int(side.sum())}}
+    info = {"transplant": {"group": candidate.name, "group_size": int(candidate.group.sum()),
+                           "flip_rate": candidate.flip.rate, "receiving_class": candidate.flip.receiving,
+                           "control_flip_rate": control.rate, "pattern_pixels": candidate.flip.pixels,
+                           "poisons": int(side.sum())}}
     return ClassScores(share.to(device), side.to(device), info, side=side.to(device))
