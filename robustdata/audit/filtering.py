@@ -108,9 +108,11 @@ def poison_side(split: Split, nearest_other: torch.Tensor) -> torch.Tensor:
 
 def oriented_scores(split: Split, poison: torch.Tensor) -> torch.Tensor:
     """Projection pointing toward the poison side, in robust standard deviations of the clean side."""
-    # toward the poisons: for a side of the split, high or low; for any other group (the transplant test's), its mean
-    toward_high = split.high.equal(poison) or (not (~split.high).equal(poison) and poison.any() and (~poison).any()
-                                               and split.projection[poison].mean() > split.projection[~poison].mean())
+    # toward the poisons: a side of the split, or the transplant test's group, lies higher or lower on average
+    if poison.any() and (~poison).any():
+        toward_high = bool(split.projection[poison].mean() >= split.projection[~poison].mean())
+    else:
+        toward_high = split.high.equal(poison)
     values = split.projection if toward_high else -split.projection
     clean = values[~poison] if (~poison).any() else values
     centre = clean.median()
