@@ -699,13 +699,7 @@ def targets_summary(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if outcome["met"] is None:
                 s["not_evaluated"] += 1
                 continue
-            s["evaluated"] += 1
-            s["met"] += bool(outcome["met"])
-            s["vacuous"] += bool(outcome["met"] and outcome.get("vacuous"))
-            s["via_inconclusive"] += outcome.get("via") == "inconclusive"
-            if outcome["margin"] is not None:
-                s["min_margin"] = outcome["margin"] if s["min_margin"] is None else min(s["min_margin"],
-                                                                                        outcome["margin"])
+            tally(s, outcome)
             if not outcome["met"]:
                 s["failing"].append(f"{where} ({group}): {fmt_value(outcome['value'])}")
             per_cell.setdefault(target, {}).setdefault(group, []).append(bool(outcome["met"]))
@@ -713,6 +707,18 @@ def targets_summary(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary[target]["cells_evaluated"] = len(cells)
         summary[target]["cells_met"] = sum(all(seeds) for seeds in cells.values())
     return summary
+
+
+def tally(counts: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """Count one evaluated target outcome (met is not None) into `counts`: evaluated, met, vacuous,
+    via_inconclusive and the smallest margin."""
+    counts["evaluated"] += 1
+    counts["met"] += bool(outcome["met"])
+    counts["vacuous"] += bool(outcome["met"] and outcome.get("vacuous"))
+    counts["via_inconclusive"] += outcome.get("via") == "inconclusive"
+    if outcome["margin"] is not None:
+        counts["min_margin"] = outcome["margin"] if counts["min_margin"] is None else min(counts["min_margin"],
+                                                                                          outcome["margin"])
 
 
 def fmt_value(value: Any) -> str:
@@ -747,15 +753,8 @@ def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         for name, outcome in seed["targets"].items():
             t = targets.setdefault(name, {"met": 0, "evaluated": 0, "min_margin": None, "vacuous": 0,
                                           "via_inconclusive": 0})
-            if outcome["met"] is None:
-                continue
-            t["evaluated"] += 1
-            t["met"] += bool(outcome["met"])
-            t["vacuous"] += bool(outcome["met"] and outcome.get("vacuous"))
-            t["via_inconclusive"] += outcome.get("via") == "inconclusive"
-            if outcome["margin"] is not None:
-                t["min_margin"] = outcome["margin"] if t["min_margin"] is None else min(t["min_margin"],
-                                                                                        outcome["margin"])
+            if outcome["met"] is not None:
+                tally(t, outcome)
     return {"n": len(seeds), "seeds": [s["seed"] for s in seeds],
             "asr_before": stats([s["suspect"]["asr"] for s in seeds]),
             "clean_before": stats([s["suspect"]["clean_accuracy"] for s in seeds]),

@@ -98,12 +98,18 @@ def flip_rate(pattern: Pattern, label: int, reference: torch.Tensor, reference_l
     return best
 
 
-def matches(pattern: Pattern, images: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: the images whose pattern pixels lie nearer the pattern's values than the reference mean."""
+def match_share(pattern: Pattern, images: torch.Tensor) -> torch.Tensor:
+    """(n,) float64: the share of the pattern's pixels where each image lies nearer the pattern's values than
+    the reference mean (0 for an empty pattern)."""
     if not pattern.mask.any():
-        return torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        return torch.zeros(len(images), dtype=torch.float64, device=images.device)
     nearer = (images - pattern.value).abs() < (images - pattern.reference_mean).abs()
-    return nearer[:, pattern.mask].float().mean(1) >= MATCH_MIN
+    return nearer[:, pattern.mask].double().mean(1)
+
+
+def matches(pattern: Pattern, images: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the images that carry the pattern (match_share at least MATCH_MIN)."""
+    return match_share(pattern, images) >= MATCH_MIN
 
 
 def carriers(pattern: Pattern, images: torch.Tensor, group: torch.Tensor, rounds: int = 2) -> torch.Tensor:

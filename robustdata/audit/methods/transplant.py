@@ -101,8 +101,7 @@ def decided(candidate: Candidate, control: transplant.Flip, images: torch.Tensor
             view: ClassView) -> ClassScores:
     """The scores, flags, side and report of a class whose candidate the test decided."""
     pattern = transplant.pattern_of(images[candidate.group], reference)
-    nearer = (images - pattern.value).abs() < (images - pattern.reference_mean).abs()
-    share = nearer[:, pattern.mask].double().mean(1)
+    share = transplant.match_share(pattern, images)
     # an isolated group is a sample of the poisons: remove every image that carries its pattern
     side = candidate.group if candidate.complete else transplant.carriers(pattern, images, candidate.group)
     device = view.pca.index.device
