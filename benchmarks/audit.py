@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ from backdoors import default_spec, spec_id  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 from robustdata.audit.metrics import confusion  # noqa: E402
-from robustdata.audit.run import audit_dataset  # noqa: E402
+from robustdata.audit.run import audit_dataset, stated_sensitivity  # noqa: E402
 from robustdata.audit.verdicts import INCONCLUSIVE, POISONED, overall_verdict  # noqa: E402
 from robustdata.config import load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
@@ -401,7 +401,7 @@ def audit_row(model, cell: PlantedCell, params, targets: list[int]) -> tuple[tor
     return result.removed.cpu(), {
         "overall_verdict": overall_verdict(verdicts), "class_verdicts": verdicts,
         "target_verdicts": {str(c): verdicts[c] for c in targets},
-        "sensitivity": json_safe(getattr(result, "sensitivity", None)), "threshold": json_safe(result.threshold),
+        "threshold": json_safe(result.threshold),
         "features_seconds": features, "scoring_seconds": scoring, "classes": json_safe(result.classes)}
 
 
@@ -527,6 +527,8 @@ class Context:
     rows: list[str]              # the rows asked for (the audit always among them)
     work: Path                   # this setup's work directory
     fingerprint: dict[str, Any]  # the audit code and params: the rows are recomputed when it changes
+    sensitivity_rounds: int      # canary rounds per seed stating the audit's sensitivity (0: none)
+    stated: dict[int, float | None] = field(default_factory=dict)  # seed -> the sensitivity stated on its clean set
 
 
 def cell_path(work: Path, spec: dict[str, Any], seed: int) -> Path:
@@ -556,6 +558,7 @@ def run_cell(spec: dict[str, Any], seed: int, ctx: Context, clean_reference: flo
     if fresh:  # rows computed before and not asked for now stay
         rows = {**{k: v for k, v in previous["rows"].items() if k not in rows}, **rows}
     audit_info["inference_seconds"] = inference
+    audit_info["sensitivity"] = ctx.stated.get(seed)
     audit_info["time_ratio"] = (audit_info["features_seconds"] + audit_info["scoring_seconds"]) / inference
     result = {"spec": spec, "cell_id": spec_id(spec), "seed": seed, "attack_id": cell.attack_id,
               "category": category(spec["attack"]), "fingerprint": ctx.fingerprint,
@@ -569,14 +572,21 @@ def run_cell(spec: dict[str, Any], seed: int, ctx: Context, clean_reference: flo
     return result
 
 
-def clean_run(seed: int, ctx: Context, train_missing: bool = True) -> dict[str, Any] | None:
+def clean_run(seed: int, ctx: Context, train_missing: bool = True, state: bool = True) -> dict[str, Any] | None:
     """The model trained on the unpoisoned set (seed `seed`): the clean-accuracy reference, and the
     eps-free audit of clean data (no class may come out poisoned or inconclusive). None when it has not
-    run and `train_missing` is off (--report-only)."""
+    run and `train_missing` is off (--report-only). `state`: measure the audit's sensitivity on it too (the seeds
+    whose cells are checked against it)."""
     folder = ctx.work / "clean" / f"seed{seed}"
     path = folder / "audit.json"  # beside model.pt and its sidecar model.json
     if path.exists() and read_json(path)["fingerprint"] == ctx.fingerprint:
-        return read_json(path)
+        entry = read_json(path)
+        measured = (entry.get("sensitivity") or {}).get("rounds", 0) == ctx.sensitivity_rounds
+        if not train_missing or not state or measured:
+            return entry
+        entry["sensitivity"] = measured_sensitivity(seed, ctx)
+        write_json_atomic(path, entry)
+        return entry
     if not train_missing:
         return None
     splits, recipe = ctx.splits, recipe_for(ctx.params, seed)
@@ -590,7 +600,7 @@ def clean_run(seed: int, ctx: Context, train_missing: bool = True) -> dict[str, 
     entry = {"seed": seed, "fingerprint": ctx.fingerprint, "model": meta,
              "clean_accuracy": accuracy(model, splits.test.images, splits.test.labels),
              "overall_verdict": overall_verdict(verdicts), "class_verdicts": verdicts,
-             "removed": int(result.removed.sum()), "sensitivity": json_safe(getattr(result, "sensitivity", None)),
+             "removed": int(result.removed.sum()), "sensitivity": measured_sensitivity(seed, ctx) if state else None,
              "features_seconds": result.seconds["features"], "scoring_seconds": result.seconds["scoring"],
              "inference_seconds": inference, "time_ratio": seconds / inference, "classes": json_safe(result.classes)}
     entry["targets"] = clean_targets(entry)
@@ -598,6 +608,18 @@ def clean_run(seed: int, ctx: Context, train_missing: bool = True) -> dict[str, 
     log.log(f"clean seed {seed}: clean accuracy {fmt_rate(entry['clean_accuracy'])}, verdict "
             f"{entry['overall_verdict']}, removed {entry['removed']}")
     return entry
+
+
+def measured_sensitivity(seed: int, ctx: Context) -> dict[str, Any] | None:
+    """The audit's stated sensitivity on the clean set of `seed` (robustdata/audit/sensitivity.py): the same
+    recipe, --sensitivity-rounds canary rounds."""
+    if ctx.sensitivity_rounds == 0:
+        return None
+    stated = stated_sensitivity(ctx.splits.train, ctx.splits.val, recipe_for(ctx.params, seed),
+                                ctx.params.audit.model_copy(update={"seed": seed}), ctx.sensitivity_rounds)
+    log.log(f"clean seed {seed}: sensitivity {fmt_rate(stated['fraction'])} of a class "
+            f"({stated['trials_at_or_above']} trials at or above, {stated['seconds']:.0f} s)")
+    return json_safe(stated)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -781,9 +803,10 @@ def gather_cells(ctx: Context, specs: list[dict[str, Any]]) -> tuple[dict[str, l
             if cell["fingerprint"] != ctx.fingerprint:
                 stale.append(f"{spec_id(spec)} seed {cell['seed']}")
                 continue
-            targets = evaluate_targets(cell)
-            if targets != cell.get("targets"):
-                cell["targets"] = targets
+            stated = ctx.stated.get(cell["seed"])
+            targets = evaluate_targets({**cell, "audit": {**cell["audit"], "sensitivity": stated}})
+            if targets != cell.get("targets") or stated != cell["audit"].get("sensitivity"):
+                cell["targets"], cell["audit"]["sensitivity"] = targets, stated
                 write_json_atomic(path, cell)
             cells.setdefault(spec_id(spec), []).append(cell)
     for seeds in cells.values():
@@ -924,9 +947,19 @@ def clean_table(report: dict[str, Any]) -> Table:
         not_clean = [c for c, v in enumerate(run["class_verdicts"]) if v != "clean"]
         table.add_row(str(run["seed"]), f"{100 * run['clean_accuracy']:.2f}", run["overall_verdict"],
                       str(not_clean or "-"), str(run["removed"]),
-                      "-" if run["sensitivity"] is None else fmt_value(run["sensitivity"]),
+                      fmt_sensitivity(run.get("sensitivity")),
                       f"{run['time_ratio']:.2f}")
     return table
+
+
+def fmt_sensitivity(stated: dict[str, Any] | None) -> str:
+    """"1.00% (16/16, >= 83%)": the stated fraction, the trials at or above it, the 95% lower bound."""
+    if stated is None:
+        return "-"
+    if stated["fraction"] is None:
+        return "none"
+    n = stated["trials_at_or_above"]
+    return f"{fmt_rate(stated['fraction'])} ({n}/{n}, >= {fmt_rate(stated['lower_95'])})"
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -982,7 +1015,8 @@ def markdown(report: dict[str, Any]) -> str:
     summary = [[name, f"{s['met']}/{s['evaluated']}", f"{s['cells_met']}/{s['cells_evaluated']}", str(s["vacuous"]),
                 str(s["via_inconclusive"]), "; ".join(s["failing"][:5]) + (" ..." if len(s["failing"]) > 5 else "")]
                for name, s in report["targets"]["all"].items()]
-    clean = ", ".join(f"seed {c['seed']}: {c['overall_verdict']}" for c in report["clean_audits"]) or "not run"
+    clean = ", ".join(f"seed {c['seed']}: {c['overall_verdict']}, sensitivity {fmt_sensitivity(c.get('sensitivity'))}"
+                      for c in report["clean_audits"]) or "not run"
     return "\n\n".join([
         intro,
         md_table(["attack", "configuration", "rate", "n", "ASR before", "verdicts", "recall", "FPR", "ASR after",
@@ -993,6 +1027,10 @@ def markdown(report: dict[str, Any]) -> str:
         "vacuous: met only because the suspect never learned the attack):",
         md_table(["target", "met / evaluated", "cells met", "vacuous", "via inconclusive", "failing"], summary),
         f"Clean data (eps-free audit of the unpoisoned set, one model per seed): {clean}.",
+        "Sensitivity (robustdata/audit/sensitivity.py, stated on each cell seed's clean set): the smallest share of "
+        "a class at which every canary (a 3x3 checkerboard planted dirty-label in a copy, the recipe retrained) and "
+        "every canary at a larger share was detected; (n/n, >= the one-sided 95% lower bound on the detection "
+        "probability). The `sensitivity` target checks that every target class at or above it is poisoned.",
     ]) + "\n"
 
 
@@ -1008,6 +1046,10 @@ def parse_args() -> argparse.Namespace:
                         help=f"Keep only these attacks ({', '.join(attack_names())}).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Poison and model seeds.")
     parser.add_argument("--clean-seeds", type=int, default=5, help="Clean-data audits: model seeds 0..N-1.")
+    parser.add_argument("--sensitivity-rounds", type=int, default=4,
+                        help="Canary rounds stating the audit's sensitivity on each seed's clean set (each retrains "
+                             "the suspect recipe once with 8 canaries); every cell of that seed is checked against "
+                             "it. 0: no statement.")
     parser.add_argument("--train-limit", type=int, default=20000,
                         help="The first N training images are every cell's training set (~9 trainings a cell).")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
@@ -1029,7 +1071,8 @@ def make_context(args: argparse.Namespace) -> Context:
                          "recipe": recipe_json(recipe_for(params, 0))})
     fingerprint = {"audit_code_sha256": audit_code_sha256(), "audit_params": params.audit.model_dump(mode="json")}
     # one folder per training set and recipe: another --train-limit or train_suspect never reuses a model
-    return Context(splits, params, rows, args.work / f"n{len(splits.train)}-{setup[:10]}", fingerprint)
+    return Context(splits, params, rows, args.work / f"n{len(splits.train)}-{setup[:10]}", fingerprint,
+                   args.sensitivity_rounds)
 
 
 def main() -> None:
@@ -1039,8 +1082,9 @@ def main() -> None:
     selected = selected_specs(args)
     log.log(f"{len(selected)} cells x {len(args.seeds)} seeds, rows {ctx.rows}, work {ctx.work}")
     clean_seeds = sorted(set(range(args.clean_seeds)) | set(args.seeds))
-    runs = [clean_run(seed, ctx, train_missing=not args.report_only) for seed in clean_seeds]
+    runs = [clean_run(seed, ctx, train_missing=not args.report_only, state=seed in args.seeds) for seed in clean_seeds]
     clean_by_seed = {run["seed"]: run for run in runs if run is not None}
+    ctx.stated.update({seed: (run.get("sensitivity") or {}).get("fraction") for seed, run in clean_by_seed.items()})
     clean = [clean_by_seed[s] for s in range(args.clean_seeds) if s in clean_by_seed]
     if not args.report_only:
         for spec in selected:

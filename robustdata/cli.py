@@ -463,6 +463,10 @@ def audit(
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
                                           help="Audit shard by shard in bounded memory (default: when the set would "
                                           "fill half the RAM)."),
+    sensitivity_rounds: Optional[int] = typer.Option(None, help="State the audit's sensitivity: the smallest "
+                                                     "poisoned fraction of a class its canaries were all detected "
+                                                     "at, over N rounds, each retraining the model's recipe once on "
+                                                     "a copy with 8 canaries (robustdata models; 0: not measured)."),
     device: Optional[str] = typer.Option(None),
     fail_on_detect: bool = typer.Option(False, "--fail-on-detect",
                                         help=f"CI gate: exit {EXIT_POISONS_DETECTED} when the verdict is poisoned (or "
@@ -476,7 +480,7 @@ def audit(
                                             "removal_method": removal_method, "out": out, "report": report,
                                             "workers": workers, "dask": dask, "device": device,
                                             "stream": stream, "model_spec": model_spec,
-                                            "state_dict": state_dict}).audit
+                                            "state_dict": state_dict, "sensitivity_rounds": sensitivity_rounds}).audit
         if config.model_spec is None:
             require_models(config.model)
         else:
@@ -578,6 +582,8 @@ def print_audit(result: dict[str, Any]) -> None:
             f"{result['poisoned_classes'] or 'none'}; inconclusive: {result['inconclusive_classes'] or 'none'}")
     if metrics.get("tpr") is not None:
         line += f"; TPR {100 * metrics['tpr']:.2f}%, FPR {100 * metrics['fpr']:.3f}%"
+    if metrics.get("sensitivity_fraction") is not None:
+        line += f"; canaries detected at >= {100 * metrics['sensitivity_fraction']:g}% of a class"
     console.print(line)
     console.print(f"report {result['report']}/report.html; filtered dataset {result['out']}")
 

@@ -138,6 +138,8 @@ class AuditParams(Strict):
     workers: PositiveInt = 1  # feature-extraction chunks at once: threads here, or Dask workers with `dask: local`
     dask: str | None = None  # None: extract in this process; "local": a LocalCluster of `workers`; else an address
     stream: bool | None = None  # audit shard by shard in bounded memory; None: when the set would fill half the RAM
+    sensitivity_rounds: NonNegativeInt = 0  # canary rounds that state the audit's sensitivity (each retrains the
+                                            # model's recipe once: robustdata models only); 0: not measured
     seed: int = 0
     device: str = "auto"
     out: Path = Path("data/filtered")  # train/ without the removed samples (+ val/)

@@ -17,15 +17,15 @@ from robustdata.audit.metrics import attack_success_rate, clean_accuracy
 from robustdata.audit.results import (AUDIT_MODULES, EXECUTION_ONLY, audit_summary, check_audited, filtered_rows,
                                       flagged_table, gate_metrics, ground_truth, non_finite_features_error,
                                       scores_table, separation_plot)
-from robustdata.audit.run import audit_dataset
+from robustdata.audit.run import audit_dataset, stated_sensitivity
 from robustdata.audit.scoring import NonFiniteFeaturesError
-from robustdata.config import AuditEvalParams, AuditParams, PoisonParams
+from robustdata.config import AuditEvalParams, AuditParams, PoisonParams, TrainParams
 from robustdata.audit.streaming import shard_batches, should_stream, stream_audit
 from robustdata.data.derived import write_derived, write_derived_samples
 from robustdata.data.shards import Sample, iter_shards
 from robustdata.data.manifest import Dataset, open_dataset, read_manifest
 from robustdata.data.memory import InMemoryDataset, load_in_memory, sample_index
-from robustdata.errors import DataError
+from robustdata.errors import DataError, RobustDataError
 from robustdata.io import atomic_directory, read_json, write_csv_atomic, write_json_atomic, write_parquet_atomic
 from robustdata.poison.plant import Planted, from_params, lineage_rows, modules_of, plant, triggered_test_set
 from robustdata.report.documents import write_audit_report
@@ -100,6 +100,9 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
         raise DataError(f"the model was trained on classes {sidecar['classes']}, the data has {train_set.classes}",
                         path=train_set.root)
     if features is None and should_stream(params.stream, train_set.card):
+        if params.sensitivity_rounds:
+            raise RobustDataError("audit.sensitivity_rounds retrains on the set in memory; a streamed audit cannot "
+                                  "state it: set it to 0, or audit in memory (--no-stream) on a machine that fits it")
         return streamed_audit(params, model, sidecar, train_set, progress)
     data = load_in_memory(train_set, progress=progress)
     manifest = read_manifest(train_set.manifest_path)
@@ -114,9 +117,23 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
         result.seconds["features"] = feature_seconds
     summary = audit_summary(params, data, result, ground_truth(manifest), dict(result.seconds), sidecar,
                             train_set.card["manifest"]["sha256"])
+    summary["sensitivity"] = sensitivity_of(params, data, sidecar, progress)
     write_audit_outputs(params, summary, scores_table(data, manifest, result), data.images, data.classes)
     write_filtered(params, train_set, data, manifest, result.removed.cpu(), progress)
     return audit_outcome(params, summary)
+
+
+def sensitivity_of(params: AuditParams, data: InMemoryDataset, sidecar: dict[str, Any], progress: bool
+                   ) -> dict[str, Any] | None:
+    """The stated sensitivity when params ask for it: canary rounds retraining the audited model's own recipe."""
+    if params.sensitivity_rounds == 0:
+        return None
+    if sidecar.get("params") is None:
+        raise RobustDataError("audit.sensitivity_rounds retrains the audited model's recipe, which only a robustdata "
+                              "model records (its model.json); set it to 0 for your own model")
+    recipe = TrainParams(**{**sidecar["params"], "limit": None})
+    val = load_in_memory(Path(params.data) / "val", progress=progress)
+    return stated_sensitivity(data, val, recipe, params, params.sensitivity_rounds)
 
 
 def streamed_audit(params: AuditParams, model: torch.nn.Module, sidecar: dict[str, Any], train_set: Dataset,

@@ -379,10 +379,12 @@ def test_best_split_separates_a_planted_cluster():
     assert split.separation > 3 * 2.7
 
 
-def judged(separations, side_fractions, statuses=None, kappa=6.0):
-    """judge_classes on entries of 100 samples with these separations and poison-side fractions."""
+def judged(separations, side_fractions, statuses=None, kappa=6.0, transplants=None):
+    """judge_classes on entries of 100 samples with these separations and poison-side fractions (and the
+    transplant test's reports, by class)."""
     entries = [{"label": i, "n": 100, "status": (statuses or {}).get(i, "ok"), "statistic": d,
-                "side_size": round(100 * f)} for i, (d, f) in enumerate(zip(separations, side_fractions))]
+                "side_size": round(100 * f), "transplant": (transplants or {}).get(i)}
+               for i, (d, f) in enumerate(zip(separations, side_fractions))]
     for entry in entries:
         if entry["status"] != "ok":
             entry["statistic"] = None
@@ -422,6 +424,22 @@ def test_when_most_classes_split_cleanly_the_calibration_is_void_and_they_are_in
     verdicts, _, entries = judged([7.0, 7.5, 6.8, 7.2, 8.0, 2.9], [0.1] * 6)
     assert verdicts[:5] == ["inconclusive"] * 5 and verdicts[5] == "clean"
     assert "calibration is void" in entries[0]["reasons"][0]
+
+
+def transplant_report(decides: bool, flip_rate: float) -> dict:
+    return {"group": "the most isolated 0.5%", "group_size": 10, "decides": decides, "flip_rate": flip_rate,
+            "receiving_class": 5, "control_flip_rate": 0.1, "pattern_pixels": 9, "poisons": 10 * decides}
+
+
+def test_the_transplant_test_decides_whatever_z_and_its_weak_evidence_leaves_a_class_inconclusive():
+    """A decided transplant test makes a class poisoned at any z; a weak flip (a backdoor learned in part) makes a
+    class the separation calls clean inconclusive, never poisoned; at z above kappa the separation rule stands."""
+    separations = [2.7, 2.8, 2.6, 2.75, 2.9, 12.0]
+    verdicts, _, entries = judged(separations, [0.05] * 6, transplants={
+        0: transplant_report(True, 1.0), 1: transplant_report(False, 0.37), 5: transplant_report(False, 0.3)})
+    assert verdicts == ["poisoned", "inconclusive", "clean", "clean", "clean", "poisoned"]
+    assert "moves 37% of class 5" in entries[1]["reasons"][0] and "too weak to decide" in entries[1]["reasons"][0]
+    assert "separation z" in entries[5]["reasons"][0]
 
 
 @pytest.mark.parametrize("status, verdict", [("too_few_samples (n=50, need 96)", "inconclusive"),

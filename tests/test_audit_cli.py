@@ -143,6 +143,30 @@ def test_clean_set_passes_the_gate(workspace):
     assert summary["ground_truth"] is False  # an ingest has no is_poison ground truth
 
 
+def test_the_audit_states_its_sensitivity_from_canaries_a_retrained_model_learned(workspace):
+    """One canary round on the clean set: 8 checkerboard canaries at 0.5-10% of their classes, the suspect's
+    recipe retrained on the copy, the copy audited. The statement is what was detected, and the largest canary
+    (10%: the only one this small set's recipe learns, attack success 77%; the smaller ones stay below 10%) is
+    found."""
+    root, params = workspace
+    result = invoke("audit", "--params", params, "--model", root / "clean_model", "--data", root / "mnist",
+                    "--out", root / "sensitivity_filtered", "--report", root / "sensitivity_report",
+                    "--sensitivity-rounds", "1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((root / "sensitivity_report" / "summary.json").read_text())
+    stated = summary["sensitivity"]
+    canaries = [c for entry in stated["per_fraction"] for c in entry["canaries"]]
+    assert len(canaries) == 8 and len({c["label"] for c in canaries}) == 8 and stated["rounds"] == 1
+    largest = [c for c in canaries if c["fraction"] == 0.1]
+    assert largest and all(c["attack_success"] > 0.5 and c["detected"] for c in largest)
+    assert stated["fraction"] is not None and stated["fraction"] <= 0.1
+    assert all(c["detected"] for c in canaries if c["fraction"] >= stated["fraction"])
+    metrics = json.loads((root / "sensitivity_report" / "metrics.json").read_text())
+    assert metrics["sensitivity_fraction"] == stated["fraction"]
+    assert "Sensitivity: 3x3 checkerboard" in (root / "sensitivity_report" / "report.md").read_text()
+    assert summary["verdict"] == "clean"  # the canaries were planted in a copy: the audited set is untouched
+
+
 @pytest.mark.parametrize("verdict, flagged, allow, code", [
     ("clean", 0, False, None), ("poisoned", 12, False, 4), ("clean", 3, False, 4),  # eps mode flags in clean classes
     ("inconclusive", 0, False, 5), ("inconclusive", 0, True, None), ("poisoned", 12, True, 4)])

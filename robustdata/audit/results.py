@@ -126,6 +126,7 @@ def gate_metrics(summary: dict[str, Any]) -> dict[str, Any]:
             "num_flagged": summary["num_flagged"], "flagged_fraction": summary["num_flagged"] / summary["num_samples"],
             "poisoned_classes": len(summary["poisoned_classes"]),
             "inconclusive_classes": len(summary["inconclusive_classes"]),
+            "sensitivity_fraction": (summary.get("sensitivity") or {}).get("fraction"),
             **{k: overall.get(k) for k in ("tpr", "fpr", "precision", "auroc", "auprc") if overall}}
 
 

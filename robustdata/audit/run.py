@@ -11,13 +11,14 @@ import time
 import torch
 from torch import nn
 
+from robustdata.audit import sensitivity
 from robustdata.audit.features import extract_features
 from robustdata.audit.methods.base import Probe
 from robustdata.audit.scoring import AuditResult, run_audit
 from robustdata.audit.transplant import REFERENCE_PER_CLASS
-from robustdata.config import AuditParams
+from robustdata.config import AuditParams, TrainParams
 from robustdata.data.memory import InMemoryDataset
-from robustdata.train.training import generator_for, predict
+from robustdata.train.training import fit, generator_for, predict
 
 UNSET = object()
 
@@ -55,3 +56,16 @@ def probe_of(model: nn.Module, data: InMemoryDataset, seed: int) -> Probe:
     reference = torch.cat([r[torch.randperm(len(r), generator=generator)[:REFERENCE_PER_CLASS]] for r in rows])
     return Probe(data.images, lambda images: predict(model, images), reference, labels[reference],
                  predict(model, data.images[reference]))
+
+
+def stated_sensitivity(data: InMemoryDataset, val: InMemoryDataset, recipe: TrainParams, params: AuditParams,
+                       rounds: int) -> dict:
+    """The audit's sensitivity on `data` (sensitivity.py): `rounds` canary rounds, each retraining `recipe` (the
+    audited model's) on a planted copy and auditing it as `params` say."""
+    def retrain(planted: InMemoryDataset) -> nn.Module:
+        return fit(planted, val, recipe, progress=False)[0]
+
+    def audit(model: nn.Module, planted: InMemoryDataset) -> AuditResult:
+        return audit_dataset(model, planted, params, eps=None)
+
+    return sensitivity.measure(data, retrain, audit, rounds, params.seed)

@@ -18,7 +18,13 @@ not a trigger, and both sides of its split flip alike (clean MNIST: at most 0.30
 the class-1 stroke, on both sides). The test decides when the flip rate is at
 least FLIP_MIN and beats by FLIP_GAP both the rest of the class's pattern and
 the pattern of as many class members drawn at random (a small group agrees on
-more pixels by chance, and a larger pattern moves more images). A pattern over
+more pixels by chance, and a larger pattern moves more images). A weaker flip
+(at least WEAK_FLIP, beating the controls by WEAK_GAP) does not decide, but it
+does not let the class pass either: a backdoor the model learned only in part
+(BadNets at 0.1% of MNIST, ASR 15%: its 10 most isolated poisons move 37% of
+the fives, random zeros 10%) is evidence no other rule sees, and the audit
+calls the class inconclusive. On clean MNIST no candidate moved more than 10%
+(20k images, 5 model seeds). A pattern over
 more than MAX_PATTERN_SHARE of the image is a shape, not a trigger (on MNIST the
 planted triggers' patterns cover 1-15%; a group of complete renderings of a
 class, 35%), and decides nothing.
@@ -45,6 +51,8 @@ PATTERN_Z = 2.0          # a pixel belongs to the pattern when its difference ex
 PIXEL_NOISE = 0.05       # spread floor (pixel units): constant pixels do not divide by zero
 FLIP_MIN = 0.5           # a pattern that flips at least half of some class's images is a trigger ...
 FLIP_GAP = 0.3           # ... when it flips at least this much more than the control patterns ...
+WEAK_FLIP = 0.2          # a weaker flip, twice the largest a clean class's group reached, ...
+WEAK_GAP = 0.15          # ... this far above the controls, leaves the class inconclusive
 MAX_PATTERN_SHARE = 0.25  # ... and covers at most this share of the image: a trigger is inconspicuous by design
 MATCH_MIN = 0.8          # a sample carries the pattern when this share of its pixels is nearer the pattern
 OUTLIER_FRACTIONS = (0.005, 0.01, 0.02, 0.05)  # isolated groups tried (share of the class)

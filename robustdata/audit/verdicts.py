@@ -29,6 +29,9 @@ class at all:
     cleanly than clean data does, so the across-class calibration (which
     assumes fewer than half of the classes are poisoned) is void; every class
     above that level is inconclusive (all-to-all and multi-target attacks);
+  * the transplant test saw a weak flip (transplant.WEAK_FLIP): a pattern of the
+    class moves other classes' images to it, less than a learned trigger does,
+    more than clean classes' patterns do (a backdoor learned in part);
   * the class could not be audited (too few samples, constant features, a
     numerical failure);
 - clean: none of the above (an empty class is clean: it trains nothing).
@@ -59,10 +62,8 @@ def class_verdict(entry: dict[str, Any], kappa: float, median_separation: float 
     if status != "ok" or entry.get("statistic") is None:
         return INCONCLUSIVE, [f"not audited: {status}"]
     transplant = entry.get("transplant")
-    if transplant:
-        return POISONED, [f"the pattern of {transplant['group']} of the class ({transplant['pattern_pixels']} px) "
-                          f"moves {transplant['flip_rate']:.0%} of class {transplant['receiving_class']}'s images "
-                          f"to this class (the control patterns': {transplant['control_flip_rate']:.0%})"]
+    if transplant and transplant["decides"]:
+        return POISONED, [transplant_reason(transplant)]
     z, side = entry["z"], entry["side_size"] / entry["n"]
     calibrated = median_separation is None or median_separation <= CLEAN_MEDIAN_MAX
     if not calibrated and entry["statistic"] > CLEAN_MEDIAN_MAX:
@@ -75,7 +76,16 @@ def class_verdict(entry: dict[str, Any], kappa: float, median_separation: float 
                               "class as the poison side: it cannot tell which side is the poison"]
     if z > KAPPA_DOUBT:
         return INCONCLUSIVE, [f"separation z {z:.1f} in the doubt band ({KAPPA_DOUBT:g}, {kappa:g}]"]
+    if transplant:
+        return INCONCLUSIVE, [f"{transplant_reason(transplant)}: too weak to decide, too strong to rule out a "
+                              "backdoor the model learned in part"]
     return CLEAN, [f"separation z {z:.1f} <= {KAPPA_DOUBT:g}"]
+
+
+def transplant_reason(transplant: dict[str, Any]) -> str:
+    return (f"the pattern of {transplant['group']} of the class ({transplant['pattern_pixels']} px) moves "
+            f"{transplant['flip_rate']:.0%} of class {transplant['receiving_class']}'s images to this class "
+            f"(the control patterns': {transplant['control_flip_rate']:.0%})")
 
 
 def overall_verdict(verdicts: Iterable[str]) -> str:

@@ -168,7 +168,20 @@ def _headline(summary: dict) -> list[str]:
                      f"AUROC {number(o['auroc'], '.4f')}, AUPRC {number(o['auprc'], '.4f')}.")
     else:
         items.append("No ground truth: detection rates cannot be measured.")
-    return items + [_setting(summary)]
+    return items + [_sensitivity(summary.get("sensitivity")), _setting(summary)]
+
+
+def _sensitivity(stated: dict | None) -> str:
+    """The stated sensitivity (robustdata/audit/sensitivity.py), with its trials and confidence bound."""
+    if stated is None:
+        return ("Sensitivity not measured (audit.sensitivity_rounds 0): a clean verdict says no backdoor was found, "
+                "not how small a backdoor would have been.")
+    counts = ", ".join(f"{percent(e['fraction'])}: {e['detected']}/{e['trials']}" for e in stated["per_fraction"])
+    head = (f"Sensitivity: {stated['canary']} canaries at {percent(stated['fraction'])} of a class or more were "
+            f"all detected ({stated['trials_at_or_above']} trials; one-sided 95% lower bound on the detection "
+            f"probability {percent(stated['lower_95'])})" if stated["fraction"] is not None else
+            f"Sensitivity: none stated: {stated['canary']} canaries were missed even at the largest fraction tried")
+    return f"{head}. Detected per fraction of a class: {counts} ({stated['rounds']} retrainings)."
 
 
 def _setting(summary: dict) -> str:

@@ -7,7 +7,8 @@ more than the rest of the class's pattern does) decides the class: it is
 poisoned, and its poisons are that side, or, for an isolated group, every
 sample of the class that carries the pattern. The decision replaces the
 input-space side rule, which misplaces clean-label poisons and may point at
-most of a class. Undecided, the test changes nothing.
+most of a class. A weak flip (transplant.WEAK_FLIP) is reported and makes the
+class inconclusive; otherwise, undecided, the test changes nothing.
 
 Scores: the share of the decided pattern's pixels each sample matches (0 when
 undecided). Needs the audited images and model (ClassView.probe): in the
@@ -59,21 +60,27 @@ class Transplant(Method):
                                         reference_labels, predictions, view.probe.classify)
 
         draws = torch.Generator().manual_seed(view.label)  # its own stream: the audit's draws stay as they were
-        found = []
+        found, weak = [], []
         for candidate in candidates(view, options, flip):
-            if candidate.flip.rate < transplant.FLIP_MIN:
+            if candidate.flip.rate < transplant.WEAK_FLIP:
                 continue
             # a small group agrees on more pixels by chance, and a larger pattern moves more images: compare
             # with as many samples of the class drawn at random, too
             chance = flip(transplant.random_group(len(candidate.group), int(candidate.group.sum()), draws))
             control = max(candidate.rest, chance, key=lambda f: f.rate)
-            if candidate.margin(control) >= transplant.FLIP_GAP:
+            if candidate.flip.rate >= transplant.FLIP_MIN and candidate.margin(control) >= transplant.FLIP_GAP:
                 found.append((candidate, control))
-        if not found:
-            return ClassScores(torch.zeros(len(images), dtype=torch.float64), info={"transplant": None})
-        # a complete set of poisons (a side) before a sample of them (an isolated group)
-        best = max(found, key=lambda pair: (pair[0].complete, pair[0].margin(pair[1])))
-        return decided(*best, images, reference, view)
+            elif candidate.margin(control) >= transplant.WEAK_GAP:
+                weak.append((candidate, control))
+        if found:
+            # a complete set of poisons (a side) before a sample of them (an isolated group)
+            return decided(*max(found, key=lambda pair: (pair[0].complete, pair[0].margin(pair[1]))),
+                           images, reference, view)
+        none = torch.zeros(len(images), dtype=torch.float64, device=view.pca.index.device)
+        if weak:  # evidence that does not decide: the verdict makes the class inconclusive, nothing is removed
+            candidate, control = max(weak, key=lambda pair: pair[0].margin(pair[1]))
+            return ClassScores(none, info={"transplant": evidence(candidate, control, decides=False, poisons=0)})
+        return ClassScores(none, info={"transplant": None})
 
 
 def candidates(view: ClassView, options: AuditOptions, flip) -> list[Candidate]:
@@ -105,8 +112,12 @@ def decided(candidate: Candidate, control: transplant.Flip, images: torch.Tensor
     # an isolated group is a sample of the poisons: remove every image that carries its pattern
     side = candidate.group if candidate.complete else transplant.carriers(pattern, images, candidate.group)
     device = view.pca.index.device
-    info = {"transplant": {"group": candidate.name, "group_size": int(candidate.group.sum()),
-                           "flip_rate": candidate.flip.rate, "receiving_class": candidate.flip.receiving,
-                           "control_flip_rate": control.rate, "pattern_pixels": candidate.flip.pixels,
-                           "poisons": int(side.sum())}}
+    info = {"transplant": evidence(candidate, control, decides=True, poisons=int(side.sum()))}
     return ClassScores(share.to(device), side.to(device), info, side=side.to(device))
+
+
+def evidence(candidate: Candidate, control: transplant.Flip, decides: bool, poisons: int) -> dict:
+    """The report of a tested candidate (the audit entry's "transplant", which the verdict reads)."""
+    return {"group": candidate.name, "group_size": int(candidate.group.sum()), "decides": decides,
+            "flip_rate": candidate.flip.rate, "receiving_class": candidate.flip.receiving,
+            "control_flip_rate": control.rate, "pattern_pixels": candidate.flip.pixels, "poisons": poisons}
