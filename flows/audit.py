@@ -39,7 +39,8 @@ def emit_verdict(result: dict[str, Any]) -> None:
                          "prefect.resource.name": str(result["data"])},
                payload={"verdict": result["verdict"], "poisoned_classes": result["poisoned_classes"],
                         "inconclusive_classes": result["inconclusive_classes"],
-                        "num_flagged": result["num_flagged"], "report": result["report"]})
+                        "num_flagged": result["num_flagged"], "report": result["report"],
+                        "sensitivity_fraction": result["metrics"]["sensitivity_fraction"]})
 
 
 @flow(name="audit-features")
