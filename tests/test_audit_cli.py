@@ -160,7 +160,7 @@ def test_the_audit_states_its_sensitivity_from_canaries_a_retrained_model_learne
     largest = [c for c in canaries if c["fraction"] == 0.1]
     assert largest and all(c["attack_success"] > 0.5 and c["detected"] for c in largest)
     assert stated["fraction"] is not None and stated["fraction"] <= 0.1
-    assert all(c["detected"] for c in canaries if c["fraction"] >= stated["fraction"])
+    assert all(c["detected"] for c in canaries if c["fraction"] >= stated["fraction"] and c["attack_success"] > 0.1)
     metrics = json.loads((root / "sensitivity_report" / "metrics.json").read_text())
     assert metrics["sensitivity_fraction"] == stated["fraction"]
     assert "Sensitivity: 3x3 checkerboard" in (root / "sensitivity_report" / "report.md").read_text()

@@ -87,6 +87,17 @@ def test_the_stated_fraction_is_the_smallest_above_which_every_trial_was_detecte
     assert summarise(trials({0.005: [True], 0.05: [True]}), 1, 1.0)["fraction"] is None  # 10% never tried
 
 
+def test_a_canary_the_model_did_not_learn_is_reported_not_counted():
+    planted = [{"label": 0, "fraction": 0.01, "detected": False, "attack_success": 0.05},
+               {"label": 1, "fraction": 0.01, "detected": True, "attack_success": 0.6},
+               *trials({0.02: [True], 0.05: [True], 0.1: [True]})]
+    stated = summarise(planted, 1, 1.0)
+    assert stated["fraction"] == 0.01 and stated["trials_at_or_above"] == 4
+    assert stated["per_fraction"][1]["not_learned"] == 1 and len(stated["per_fraction"][1]["canaries"]) == 2
+    planted[0]["attack_success"] = 0.2  # learned, and missed
+    assert summarise(planted, 1, 1.0)["fraction"] == 0.02
+
+
 def result_with(verdicts: list[str], removed: torch.Tensor) -> AuditResult:
     return AuditResult({}, {"filter": removed}, [{"verdict": v} for v in verdicts], "filter", None, None)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from robustdata.audit.run import probe_of
 from robustdata.audit.scoring import run_audit
-from robustdata.audit.transplant import Pattern, matches, paste, pattern_of
+from robustdata.audit.transplant import Pattern, carriers, matches, paste, pattern_of
 from robustdata.audit.transplant import FLIP_MIN, WEAK_FLIP
 from robustdata.audit.verdicts import CLEAN, POISONED
 from robustdata.data.memory import InMemoryDataset
@@ -106,6 +106,23 @@ def test_a_pattern_is_what_a_group_shares_and_the_others_lack():
     assert matches(pattern, group).all() and not matches(pattern, reference).any()
     empty = Pattern(torch.zeros_like(pattern.mask), pattern.value, pattern.reference_mean)
     assert not matches(empty, group).any()
+
+
+def test_carriers_are_the_members_with_the_trigger_not_every_member_that_shares_the_class_shape():
+    """A few isolated poisons share the class's own stroke with every member, and the trigger with the other
+    poisons only: the carriers of their pattern are the poisons."""
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(200, 1, 12, 12, generator=generator) * 0.3         # other classes: no stroke
+    members = torch.rand(400, 1, 12, 12, generator=generator) * 0.3
+    members[:, :, 2:7, 2:6] = 0.9                                               # the class's stroke (20 px), in all
+    poisons = torch.zeros(400, dtype=torch.bool)
+    poisons[torch.randperm(400, generator=generator)[:30]] = True
+    members[poisons, :, 10:12, 10:12] = 1.0                                     # the trigger
+    group = torch.zeros(400, dtype=torch.bool)
+    group[torch.nonzero(poisons).flatten()[:5]] = True                          # the isolated few found
+    pattern = pattern_of(members[group], reference)
+    assert pattern.mask[0, 2:7, 2:6].all() and pattern.mask[0, 10:12, 10:12].all()  # both are in the pattern
+    assert torch.equal(carriers(pattern, members, group), poisons)
 
 
 @pytest.mark.parametrize("poisons", [8, 60])  # 0.4% of the set (4% of the target class) and 3%

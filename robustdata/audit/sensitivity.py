@@ -7,7 +7,9 @@ round plants one canary in each of up to MAX_CANARIES_PER_ROUND classes, at a
 fraction of that class drawn from FRACTIONS in turn, retrains a model on the
 planted copy (the caller's recipe: the suspect model's), audits it, and counts a
 canary detected when its class comes out poisoned with at least half of its
-canaries removed. Over the rounds every fraction gets trials; the stated
+canaries removed. A canary the retrained model did not learn (attack success at
+most LEARNED, 10%: the issue's bound for a harmless backdoor) is no backdoor to
+find: it is reported (not_learned), not counted as a trial. Over the rounds every fraction gets trials; the stated
 sensitivity is the smallest fraction at which every trial, and every trial at
 each larger fraction, was detected, with the one-sided 95% lower confidence
 bound on the detection probability that those trials give together
@@ -45,6 +47,7 @@ FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)  # poisoned share of a class tried
 MAX_CANARIES_PER_ROUND = 8  # classes that get a canary in one round (8 places on the image's border)
 SIDE = 3                    # canary patch side (pixels)
 MIN_RECALL = 0.5            # a detected canary: its class poisoned, at least this share of it removed
+LEARNED = 0.1               # a canary whose attack success is at most this is no backdoor: not a trial
 CONFIDENCE = 0.95
 PROBE_IMAGES = 500          # other classes' images stamped to measure a canary's attack success
 
@@ -145,11 +148,13 @@ def summarise(trials: list[dict], rounds: int, seconds: float) -> dict:
     `trials`: one {"label", "fraction", "detected", "verdict", "attack_success"} per canary."""
     per_fraction = []
     for fraction in FRACTIONS:
-        outcomes = [t for t in trials if t["fraction"] == fraction]
+        planted = [t for t in trials if t["fraction"] == fraction]
+        outcomes = [t for t in planted if t["attack_success"] > LEARNED]
         hits = sum(t["detected"] for t in outcomes)
         per_fraction.append({"fraction": fraction, "trials": len(outcomes), "detected": hits,
+                             "not_learned": len(planted) - len(outcomes),
                              "lower_95": lower_bound(hits, len(outcomes)) if outcomes else None,
-                             "canaries": outcomes})
+                             "canaries": planted})
     stated = None
     for entry in reversed(per_fraction):  # from the largest down, while every trial was detected
         if entry["trials"] == 0 or entry["detected"] < entry["trials"]:
