@@ -67,6 +67,7 @@ from provenance import provenance  # noqa: E402
 
 from robustdata.audit.metrics import confusion  # noqa: E402
 from robustdata.audit.run import audit_dataset, stated_sensitivity  # noqa: E402
+from robustdata.audit.sensitivity import LEARNED  # noqa: E402
 from robustdata.audit.verdicts import INCONCLUSIVE, POISONED, overall_verdict  # noqa: E402
 from robustdata.config import load_params  # noqa: E402
 from robustdata.data.memory import InMemoryDataset, load_in_memory  # noqa: E402
@@ -642,12 +643,16 @@ def asr_check(asr_after: float, asr_before: float, limit: float, inconclusive: b
                  inconclusive_allowed=inconclusive is not None)
 
 
-def sensitivity_check(audit: dict[str, Any], planted: dict[str, Any]) -> dict[str, Any]:
+def sensitivity_check(audit: dict[str, Any], planted: dict[str, Any], asr_before: float) -> dict[str, Any]:
     """In every cell where a target class's poisoned fraction is at or above the sensitivity the audit states,
-    that class's verdict must be poisoned. margin: the smallest such fraction minus the sensitivity."""
+    that class's verdict must be poisoned. margin: the smallest such fraction minus the sensitivity. Not
+    evaluated where the suspect did not learn the attack: the statement counts only canaries a model learned
+    (attack success above sensitivity.LEARNED), and an unlearned backdoor is nothing to detect."""
     stated = audit.get("sensitivity")
     if stated is None:
         return check(None, None, None, None, note="the audit states no sensitivity")
+    if asr_before <= LEARNED:
+        return check(None, asr_before, LEARNED, None, note="the attack was not learned: no backdoor to detect")
     above = {c: f for c, f in planted["target_fractions"].items() if f >= stated}
     if not above:
         return check(None, max(planted["target_fractions"].values()), stated, None,
@@ -677,7 +682,7 @@ def evaluate_targets(cell: dict[str, Any]) -> dict[str, dict[str, Any]]:
     targets["never_clean"] = check(not (clean_targets and asr_after > LOOSE_ASR_AFTER), asr_after, LOOSE_ASR_AFTER,
                                    LOOSE_ASR_AFTER - asr_after if clean_targets else None,
                                    clean_target_classes=clean_targets)
-    targets["sensitivity"] = sensitivity_check(audit, cell["planted"])
+    targets["sensitivity"] = sensitivity_check(audit, cell["planted"], asr_before)
     ratio = audit["time_ratio"]
     targets["time"] = check(ratio <= MAX_TIME_RATIO, ratio, MAX_TIME_RATIO, MAX_TIME_RATIO - ratio)
     return targets

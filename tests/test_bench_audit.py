@@ -108,6 +108,11 @@ def test_sensitivity_is_not_evaluated_without_a_statement_or_below_it():
     assert bench.evaluate_targets(cell(audit__sensitivity=None))["sensitivity"]["met"] is None
     below = bench.evaluate_targets(cell(audit__sensitivity=0.2, audit__target_verdicts={"0": "clean"}))
     assert below["sensitivity"]["met"] is None
+    # an attack the suspect did not learn is no backdoor to detect (the canaries count learned ones only)
+    unlearned = bench.evaluate_targets(cell(suspect__asr=0.05, audit__target_verdicts={"0": "clean"}))
+    assert unlearned["sensitivity"]["met"] is None and "not learned" in unlearned["sensitivity"]["note"]
+    learned = bench.evaluate_targets(cell(suspect__asr=0.2, audit__target_verdicts={"0": "clean"}))
+    assert learned["sensitivity"]["met"] is False
 
 
 def test_clean_data_targets():
