@@ -9,8 +9,8 @@ planted copy (the caller's recipe: the suspect model's), audits it, and counts a
 canary detected when its class comes out poisoned with at least half of its
 canaries removed. A canary the retrained model did not learn (attack success at
 most LEARNED, 10%: the issue's bound for a harmless backdoor) is no backdoor to
-find: it is reported (not_learned), not counted as a trial. Over the rounds every fraction gets trials; the stated
-sensitivity is the smallest fraction at which every trial, and every trial at
+find: it is reported (not_learned), not counted as a trial. Over the rounds
+every fraction gets trials; the stated sensitivity is the smallest fraction at which every trial, and every trial at
 each larger fraction, was detected, with the one-sided 95% lower confidence
 bound on the detection probability that those trials give together
 (Clopper-Pearson: n detections of n trials give 0.05^(1/n), so 59 trials are
@@ -41,6 +41,7 @@ import torch
 from robustdata.audit.scoring import AuditResult
 from robustdata.audit.verdicts import POISONED
 from robustdata.data.memory import InMemoryDataset
+from robustdata.poison.badnets import BadNets
 from robustdata.train.training import predict
 
 FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)  # poisoned share of a class tried
@@ -88,12 +89,9 @@ def plan(num_classes: int, height: int, width: int, rounds: int, generator: torc
 
 
 def stamp(images: torch.Tensor, canary: Canary) -> torch.Tensor:
-    """`images` (n, C, H, W) uint8 with the canary's checkerboard of 255 and 0."""
-    grid = torch.arange(SIDE, device=images.device)
-    patch = ((grid[:, None] + grid[None, :]) % 2 == 0).to(torch.uint8) * 255
-    out = images.clone()
-    out[:, :, canary.row:canary.row + SIDE, canary.col:canary.col + SIDE] = patch
-    return out
+    """`images` (n, C, H, W) uint8 with the canary's checkerboard of 255 and 0 (the poisoner's BadNets)."""
+    trigger = BadNets(shape="checkerboard", size=SIDE, value=255, position=f"{canary.row},{canary.col}")
+    return trigger.apply(images, torch.Generator())  # a fixed position draws nothing
 
 
 def plant_canaries(data: InMemoryDataset, canaries: list[Canary], generator: torch.Generator
