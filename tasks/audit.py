@@ -99,10 +99,9 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
     if sidecar["classes"] is not None and train_set.classes != sidecar["classes"]:
         raise DataError(f"the model was trained on classes {sidecar['classes']}, the data has {train_set.classes}",
                         path=train_set.root)
-    if features is None and should_stream(params.stream, train_set.card):
-        if params.sensitivity_rounds:
-            raise RobustDataError("audit.sensitivity_rounds retrains on the set in memory; a streamed audit cannot "
-                                  "state it: set it to 0, or audit in memory (--no-stream) on a machine that fits it")
+    streamed = features is None and should_stream(params.stream, train_set.card)
+    check_sensitivity_request(params, sidecar, streamed)  # before any work: it fails on what it was given
+    if streamed:
         return streamed_audit(params, model, sidecar, train_set, progress)
     data = load_in_memory(train_set, progress=progress)
     manifest = read_manifest(train_set.manifest_path)
@@ -123,14 +122,24 @@ def audit_task(params: AuditParams, progress: bool = True, features: torch.Tenso
     return audit_outcome(params, summary)
 
 
-def sensitivity_of(params: AuditParams, data: InMemoryDataset, sidecar: dict[str, Any], progress: bool
-                   ) -> dict[str, Any] | None:
-    """The stated sensitivity when params ask for it: canary rounds retraining the audited model's own recipe."""
+def check_sensitivity_request(params: AuditParams, sidecar: dict[str, Any], streamed: bool) -> None:
+    """A stated sensitivity retrains the audited model's recipe on the set in memory: refuse what cannot."""
     if params.sensitivity_rounds == 0:
-        return None
+        return
+    if streamed:
+        raise RobustDataError("audit.sensitivity_rounds retrains on the set in memory; a streamed audit cannot "
+                              "state it: set it to 0, or audit in memory (--no-stream) on a machine that fits it")
     if sidecar.get("params") is None:
         raise RobustDataError("audit.sensitivity_rounds retrains the audited model's recipe, which only a robustdata "
                               "model records (its model.json); set it to 0 for your own model")
+
+
+def sensitivity_of(params: AuditParams, data: InMemoryDataset, sidecar: dict[str, Any], progress: bool
+                   ) -> dict[str, Any] | None:
+    """The stated sensitivity when params ask for it: canary rounds retraining the audited model's own recipe
+    (check_sensitivity_request has vetted the request)."""
+    if params.sensitivity_rounds == 0:
+        return None
     recipe = TrainParams(**{**sidecar["params"], "limit": None})
     val = load_in_memory(Path(params.data) / "val", progress=progress)
     return stated_sensitivity(data, val, recipe, params, params.sensitivity_rounds)

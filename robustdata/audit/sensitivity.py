@@ -94,6 +94,11 @@ def stamp(images: torch.Tensor, canary: Canary) -> torch.Tensor:
     return trigger.apply(images, torch.Generator())  # a fixed position draws nothing
 
 
+def unplanted_others(data: InMemoryDataset, owner: torch.Tensor, canary: Canary) -> torch.Tensor:
+    """Indices of the samples of other classes than the canary's that carry no canary."""
+    return torch.nonzero((data.labels.cpu() != canary.label) & (owner == -1)).flatten()
+
+
 def plant_canaries(data: InMemoryDataset, canaries: list[Canary], generator: torch.Generator
                    ) -> tuple[InMemoryDataset, torch.Tensor]:
     """A copy of `data` with each canary planted (images of other classes, stamped and relabelled to its class,
@@ -103,7 +108,7 @@ def plant_canaries(data: InMemoryDataset, canaries: list[Canary], generator: tor
     for canary in canaries:
         members = int((data.labels == canary.label).sum())
         count = max(1, round(canary.fraction * members / (1 - canary.fraction)))
-        free = torch.nonzero((data.labels.cpu() != canary.label) & (owner == -1)).flatten()
+        free = unplanted_others(data, owner, canary)
         rows = free[torch.randperm(len(free), generator=generator)[:count]]
         images[rows] = stamp(images[rows], canary)
         labels[rows] = canary.label
@@ -121,7 +126,7 @@ def detected(result: AuditResult, owner: torch.Tensor, canary: Canary) -> bool:
 def attack_success(model: torch.nn.Module, data: InMemoryDataset, owner: torch.Tensor, canary: Canary,
                    generator: torch.Generator) -> float:
     """The share of PROBE_IMAGES unplanted images of other classes that the canary's patch moves to its class."""
-    free = torch.nonzero((data.labels.cpu() != canary.label) & (owner == -1)).flatten()
+    free = unplanted_others(data, owner, canary)
     rows = free[torch.randperm(len(free), generator=generator)[:PROBE_IMAGES]]
     return float((predict(model, stamp(data.images[rows], canary)) == canary.label).float().mean())
 
