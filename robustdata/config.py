@@ -128,7 +128,7 @@ class AuditParams(Strict):
     layer: str = "penultimate"  # representation read: penultimate | last_conv | a module name
     eps: float | None = Field(None, gt=0, lt=1)  # bound on a class's poisoned fraction; null = estimate it
     eps_scope: Literal["poisoned", "all"] = "poisoned"  # with eps: remove 1.5 eps from poisoned classes, or all
-    methods: list[AuditMethod] = ["transplant", "filter", "spectral", "clustering"]
+    methods: list[AuditMethod] = ["dirty_label", "transplant", "filter", "spectral", "clustering"]
     removal_method: AuditMethod = "filter"  # whose flags decide what is removed
     rank: PositiveInt = 64  # principal directions kept per class (SPECTRE picks its rank <= this)
     filter_rank: PositiveInt = 16  # of those, the ones the filter searches for a poison cluster

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from robustdata.audit.clustering import activation_clustering, two_means
-from robustdata.audit.filtering import Split, best_split, nearest_other_class_distance, poison_side, split_1d
+from robustdata.audit.filtering import Split, best_split, input_distances, poison_side, split_1d
 import robustdata.audit.methods as audit_methods
 from robustdata.audit.methods import get_method, method_names, register, registry
 from robustdata.audit.methods.base import Method
@@ -344,11 +344,12 @@ def test_poison_side_is_the_side_nearer_the_other_classes():
     assert torch.equal(poison_side(split, 6.0 - near_high), ~high)
 
 
-def test_nearest_other_class_distance_by_hand():
+def test_input_distances_by_hand():
     inputs = torch.tensor([[0.0], [2.0], [10.0], [12.0], [30.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])  # centroids 1, 11, 30
-    expected = torch.tensor([11.0, 9.0, 9.0, 11.0, 19.0])
-    assert torch.allclose(nearest_other_class_distance(inputs, labels, 3), expected)
+    distances = input_distances(inputs, labels, 3)
+    assert torch.allclose(distances.own, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))
+    assert torch.allclose(distances.nearest_other, torch.tensor([11.0, 9.0, 9.0, 11.0, 19.0]))
 
 
 # ----------------------------------------------------------- filtering parts
@@ -727,7 +728,7 @@ def with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
 @pytest.mark.parametrize("overrides, message", [
     ({"features": with_value(planted(0.10).features, float("nan"))}, "NaN or inf"),
     ({"features": with_value(planted(0.10).features, float("inf"))}, "NaN or inf"),
-    ({"methods": ("filter", "magic")}, r"unknown audit method\(s\) \['magic'\]; valid: \['transplant', 'filter'"),
+    ({"methods": ("filter", "magic")}, r"unknown audit method\(s\) \['magic'\]; valid: \['dirty_label', 'transplant', 'filter'"),
     ({"removal_method": "oracle"}, r"unknown audit method\(s\) \['oracle'\]"),
     ({"methods": ("spectral",)}, "removal method 'filter' must be one of the methods run"),
     ({"labels": planted(0.10).labels[:-1]}, "must have one row per sample"),
@@ -753,7 +754,7 @@ def test_a_subset_of_methods_runs_and_leaves_the_rest_out():
 
 # -------------------------------------------------------------- the method registry
 
-PAPER_METHODS = ("transplant", "filter", "spectre", "spectral", "clustering")
+PAPER_METHODS = ("dirty_label", "transplant", "filter", "spectre", "spectral", "clustering")
 
 
 @pytest.mark.parametrize("name", PAPER_METHODS)
@@ -765,7 +766,7 @@ def test_the_registry_finds_each_method_by_name(name):
 
 @pytest.mark.parametrize("name", ["magic", "Filter", "", "base"])
 def test_an_unknown_method_name_is_refused_with_the_valid_ones(name):
-    valid = r"\['clustering', 'filter', 'spectral', 'spectre', 'transplant'\]"
+    valid = r"\['clustering', 'dirty_label', 'filter', 'spectral', 'spectre', 'transplant'\]"
     with pytest.raises(RobustDataError, match=rf"unknown audit method '{name}'; valid: {valid}"):
         get_method(name)
 

@@ -195,3 +195,12 @@ def test_art_activation_clustering_flags_the_planted_cluster_repeatably():
 
 def bench_art(model, images, labels):
     return art_activation_clustering(model, images, labels, num_classes=10, layer_module_name="relu", seed=0)
+
+
+def test_the_audit_fingerprint_ignores_comments_and_docstrings_but_not_code():
+    module = '"""A module."""\nx = 1  # a note\n\n\ndef f():\n    """What f does."""\n    return x\n'
+    reworded = '"""The module, reworded."""\nx = 1\n\n\ndef f():\n    """Said otherwise."""\n    return x\n'
+    changed = '"""A module."""\nx = 2  # a note\n\n\ndef f():\n    """What f does."""\n    return x\n'
+    assert bench.code_only(module) == bench.code_only(reworded) != bench.code_only(changed)
+    only_a_docstring = 'def g():\n    """Nothing else."""\n'
+    assert bench.code_only(only_a_docstring) != bench.code_only('def g():\n    return 1\n')

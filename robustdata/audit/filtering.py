@@ -120,24 +120,35 @@ def oriented_scores(split: Split, poison: torch.Tensor) -> torch.Tensor:
     return (values - centre) / spread
 
 
-def nearest_other_class_distance(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N,) distance in input space from each sample to the nearest centroid of a class not its own."""
+@dataclass
+class InputDistances:
+    """Each sample's input-space distance to its own class's centroid and to the nearest other class's."""
+
+    own: torch.Tensor            # (N,)
+    nearest_other: torch.Tensor  # (N,)
+
+
+def input_distances(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> InputDistances:
+    """Each of `inputs` (N, P)'s distance to its class's centroid and to the nearest other class's."""
     present = torch.bincount(labels, minlength=num_classes) > 0
     centroids = torch.stack([inputs[labels == c].mean(0) if present[c] else torch.zeros_like(inputs[0])
                              for c in range(num_classes)])
-    return nearest_other_centroid(inputs, labels, centroids, present)
+    return centroid_distances(inputs, labels, centroids, present)
 
 
-def nearest_other_centroid(inputs: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
-                           present: torch.Tensor) -> torch.Tensor:
-    """(B,) distance from each input (B, P) to the nearest of `centroids` (C, P) that is not its class's
-    and whose class is `present` (C,) bool; inf when there is none. Works batch by batch (streaming.py)."""
+def centroid_distances(inputs: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                       present: torch.Tensor) -> InputDistances:
+    """Each input (B, P)'s distance to its class's centroid among `centroids` (C, P) and to the nearest one
+    that is not its class's and whose class is `present` (C,) bool (inf when there is none). Works batch by
+    batch (streaming.py)."""
     # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix product instead of cdist's pairwise loop
     squared = (inputs ** 2).sum(1, keepdim=True) - 2 * inputs @ centroids.T + (centroids ** 2).sum(1)
     distance = squared.clamp_min(0).sqrt()
+    rows = torch.arange(len(labels), device=labels.device)
+    own = distance[rows, labels].clone()
     distance[:, ~present] = float("inf")
-    distance[torch.arange(len(labels), device=labels.device), labels] = float("inf")
-    return distance.min(1).values
+    distance[rows, labels] = float("inf")
+    return InputDistances(own, distance.min(1).values)
 
 
 def separation_scale(separations: torch.Tensor) -> tuple[float, float]:

@@ -55,7 +55,8 @@ from typing import Any, Callable
 import torch
 
 from robustdata.audit.clustering import DIMS as CLUSTER_DIMS
-from robustdata.audit.filtering import KAPPA, best_split, nearest_other_class_distance, poison_side, separation_scale
+from robustdata.audit.filtering import (KAPPA, InputDistances, best_split, input_distances, poison_side,
+                                       separation_scale)
 from robustdata.audit.methods import registry
 from robustdata.audit.methods.base import AuditOptions, ClassVerdict, ClassView, Method, Probe
 from robustdata.audit.spectral import ClassPCA, class_pca
@@ -209,11 +210,11 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
     start = time.perf_counter()
     options = AuditOptions(eps=eps, eps_scope=eps_scope, rank=rank, filter_rank=filter_rank, spectral_k=spectral_k,
                            kappa=kappa)
-    nearest_other = nearest_other_class_distance(inputs.float(), labels, num_classes)
+    distances = input_distances(inputs.float(), labels, num_classes)
     q = pca_rank(methods, options)
     counts = torch.bincount(labels, minlength=num_classes).tolist()
     scores, flagged, per_class, threshold = audit_classes(
-        lambda label: class_pca(features, labels, label, q, generator), counts, nearest_other, methods=methods,
+        lambda label: class_pca(features, labels, label, q, generator), counts, distances, methods=methods,
         removal_method=removal_method, options=options, generator=generator, probe=probe)
     seconds = {"scoring": time.perf_counter() - start}
     return AuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds)
@@ -224,7 +225,7 @@ def run_audit(features: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
 Kept = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # a scored class's (index, side, coords) for pass 2
 
 
-def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_other: torch.Tensor, *,
+def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], distances: InputDistances, *,
                   methods: tuple[str, ...], removal_method: str, options: AuditOptions, generator: torch.Generator,
                   probe: Probe | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]], float | None]:
@@ -233,13 +234,13 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
     pca_of(label) gives a class's principal coordinates (ClassPCA, index into the N samples); it is called
     once per class with at least min_samples(filter_rank) samples, in label order, so a lazily computed PCA
     draws from `generator` in the same order as the per-class steps. counts: samples per class;
-    nearest_other: (N,) input-space distance of each sample to the nearest other class's centroid.
+    distances: each sample's input-space distance to its class's centroid and the nearest other class's.
     Pass 1 scores each class with every method (Method.score), the audit then judges which classes are
     poisoned (filtering.poisoned_classes), and pass 2 scores what needs that verdict and flags
     (Method.rescore, Method.flag): robustdata/audit/methods/base.py.
     """
     selected = selected_methods(methods)
-    n_total, device = len(nearest_other), nearest_other.device
+    n_total, device = len(distances.own), distances.own.device
     scores = {m: torch.zeros(n_total, dtype=torch.float64, device=device) for m in methods}
     flagged = {m: torch.zeros(n_total, dtype=torch.bool, device=device) for m in methods}
     keep_coords = any(method.keeps_coordinates for method in selected.values())
@@ -248,7 +249,7 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
     for label, count in enumerate(counts):
         entry: dict[str, Any] = {"label": label, "n": count}
         per_class.append(entry)
-        view = class_view(label, count, pca_of, nearest_other, entry, options, generator, probe)
+        view = class_view(label, count, pca_of, distances, entry, options, generator, probe)
         if view is not None and score_class(view, selected, scores, flagged, entry, options, generator):
             # only the index, the side (and kept coordinates) outlive this step: O(n q) memory, not O(n D)
             kept[view.label] = (view.pca.index, view.side, view.pca.coords if keep_coords else None)
@@ -260,7 +261,7 @@ def audit_classes(pca_of: Callable[[int], ClassPCA], counts: list[int], nearest_
     return scores, flagged, per_class, threshold
 
 
-def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], nearest_other: torch.Tensor,
+def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], distances: InputDistances,
                entry: dict[str, Any], options: AuditOptions, generator: torch.Generator,
                probe: Probe | None = None) -> ClassView | None:
     """The class as the methods see it (its PCA, best split and poison side), or None when it cannot be
@@ -273,7 +274,9 @@ def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], neares
         entry.update(status=status, statistic=None)
         return None
     split = best_split(pca.coords[:, :options.filter_rank], generator)
-    return ClassView(label, pca, split, poison_side(split, nearest_other[pca.index]), probe)
+    nearest_other = distances.nearest_other[pca.index]
+    return ClassView(label, pca, split, poison_side(split, nearest_other), probe=probe,
+                     looks_other=nearest_other < distances.own[pca.index])
 
 
 def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, torch.Tensor],

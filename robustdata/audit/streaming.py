@@ -24,8 +24,9 @@ STREAM_METHODS are the registered methods with streams_by_default. SPECTRE
 runs only when asked for (it is left out of them): it reads
 `rank` (64) coordinates per sample instead of 16, so N * rank floats. Memory:
 classes * D^2 * 8 bytes of scatter matrices (10 classes at D = 1024: 80 MB;
-too much for 1000 classes of a 2048-dim layer), N * (4 q + 40) bytes of
-coordinates, labels, distances and scores, and one batch of activations.
+too much for 1000 classes of a 2048-dim layer), N * (4 q + 16 + 9 m) bytes of
+coordinates, labels, the two input-space distances and the m methods' scores and flags, and one batch of
+activations.
 
 Time is linear in N: two inference passes, a (b_c, D) x (D, D) product per
 class and batch, and per-class decisions that are sorts and k-means
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 
 from robustdata.train.attacks import evaluating
-from robustdata.audit.filtering import KAPPA, nearest_other_centroid
+from robustdata.audit.filtering import KAPPA, InputDistances, centroid_distances
 from robustdata.audit.methods import registry
 from robustdata.audit.methods.base import AuditOptions
 from robustdata.audit.scoring import (AuditResult, NonFiniteFeaturesError, audit_classes, check_options, is_constant,
@@ -152,7 +153,7 @@ def stream_audit(model: nn.Module, batches: Batches | Callable[[], Batches], num
         bases = moments.principal(q, min_samples(filter_rank))
         seconds["directions"] = time.perf_counter() - start
         start = time.perf_counter()
-        coords, nearest_other, skew = _second_pass(model, make(), moments, bases, layer, device, progress)
+        coords, distances, skew = _second_pass(model, make(), moments, bases, layer, device, progress)
         seconds["pass2"] = time.perf_counter() - start
     start = time.perf_counter()
     labels = moments.labels
@@ -173,7 +174,7 @@ def stream_audit(model: nn.Module, batches: Batches | Callable[[], Batches], num
                         directions * sign, total_variance)
 
     scores, flagged, per_class, threshold = audit_classes(
-        pca_of, moments.counts, nearest_other, methods=methods, removal_method=removal_method, options=options,
+        pca_of, moments.counts, distances, methods=methods, removal_method=removal_method, options=options,
         generator=generator)
     seconds["scoring"] = time.perf_counter() - start
     return StreamAuditResult(scores, flagged, per_class, removal_method, eps, threshold, seconds, labels)
@@ -311,12 +312,13 @@ def _first_pass(model: nn.Module, iterator: Iterator, num_classes: int, layer: s
 
 def _second_pass(model: nn.Module, iterator: Iterator, moments: _Moments,
                  bases: dict[int, tuple[torch.Tensor, torch.Tensor]], layer: str, device: torch.device,
-                 progress: bool) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """(coordinates (N, q) float32, nearest-other-class input distance (N,), per-class sum of cubed coordinates)."""
+                 progress: bool) -> tuple[torch.Tensor, InputDistances, dict[int, torch.Tensor]]:
+    """(coordinates (N, q) float32, input distances to the class centroids (N,), per-class sum of cubed
+    coordinates)."""
     n = len(moments.labels)
     width = max((d.shape[1] for d, _ in bases.values()), default=0)
     coords = torch.zeros(n, width, device=device)
-    nearest_other = torch.zeros(n, device=device)
+    distances = InputDistances(torch.zeros(n, device=device), torch.zeros(n, device=device))
     skew = {label: torch.zeros(d.shape[1], dtype=torch.float64, device=device) for label, (d, _) in bases.items()}
     projections = {label: (moments.mean[label].float(), d.float()) for label, (d, _) in bases.items()}
     centroids, present = None, None
@@ -328,7 +330,9 @@ def _second_pass(model: nn.Module, iterator: Iterator, moments: _Moments,
         inputs = images.flatten(1)
         if centroids is None:
             centroids, present = moments.centroids(inputs.dtype)
-        nearest_other[offset:offset + len(labels)] = nearest_other_centroid(inputs, labels, centroids, present)
+        batch = centroid_distances(inputs, labels, centroids, present)
+        distances.own[offset:offset + len(labels)] = batch.own
+        distances.nearest_other[offset:offset + len(labels)] = batch.nearest_other
         features = _features(model, images, layer)
         for label in torch.unique(labels).tolist():
             if label not in projections:
@@ -342,5 +346,5 @@ def _second_pass(model: nn.Module, iterator: Iterator, moments: _Moments,
     if offset != n:
         raise RobustDataError(f"the stream yielded {n} samples on its first pass and {offset} on its second: "
                               "it must yield the same samples both times")
-    return coords, nearest_other, skew
+    return coords, distances, skew
 

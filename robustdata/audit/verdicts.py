@@ -8,11 +8,13 @@ class at all:
 
 - poisoned: the transplant test decided the class (methods/transplant.py: a
   group of its samples carries a pattern that moves other classes' images to
-  it; that group is removed), whatever its z; or z above kappa (the audit's
+  it; that group is removed), whatever its z; or the dirty-label test did
+  (methods/dirty_label.py: the class splits clearly and one part looks like
+  other classes in input space; that part is removed); or z above kappa (the audit's
   threshold) and the input-space rule names a poison side of at most
   MAX_POISON_SIDE of the class; its flagged samples are removed;
-- inconclusive, when the evidence does not rule out poisoning (and the transplant
-  test decided nothing):
+- inconclusive, when the evidence does not rule out poisoning (and neither test
+  decided):
   * z above kappa but the side rule points at most of the class: the class
     splits far more cleanly than the others, but the rule cannot say which side
     is the poison. Dirty-label poisons are at most about half of a class
@@ -61,9 +63,11 @@ def class_verdict(entry: dict[str, Any], kappa: float, median_separation: float 
         return CLEAN, ["no samples"]
     if status != "ok" or entry.get("statistic") is None:
         return INCONCLUSIVE, [f"not audited: {status}"]
-    transplant = entry.get("transplant")
+    transplant, dirty = entry.get("transplant"), entry.get("dirty_label")
     if transplant and transplant["decides"]:
         return POISONED, [transplant_reason(transplant)]
+    if dirty and dirty["decides"]:
+        return POISONED, [dirty_label_reason(dirty)]
     z, side = entry["z"], entry["side_size"] / entry["n"]
     calibrated = median_separation is None or median_separation <= CLEAN_MEDIAN_MAX
     if not calibrated and entry["statistic"] > CLEAN_MEDIAN_MAX:
@@ -86,6 +90,11 @@ def transplant_reason(transplant: dict[str, Any]) -> str:
     return (f"the pattern of {transplant['group']} of the class ({transplant['pattern_pixels']} px) moves "
             f"{transplant['flip_rate']:.0%} of class {transplant['receiving_class']}'s images to this class "
             f"(the control patterns': {transplant['control_flip_rate']:.0%})")
+
+
+def dirty_label_reason(dirty: dict[str, Any]) -> str:
+    return (f"{dirty['looks_other_share']:.0%} of {dirty['group']} of the class ({dirty['group_size']} samples) look "
+            f"like another class in input space (the rest of the class: {dirty['rest_share']:.0%})")
 
 
 def overall_verdict(verdicts: Iterable[str]) -> str:

@@ -63,6 +63,8 @@ class ClassView:
     side: torch.Tensor   # (n,) bool, the samples taken for the poisons: a side of `split`
                          # (filtering.poison_side) unless a method decided otherwise (ClassScores.side)
     probe: Probe | None = None
+    looks_other: torch.Tensor | None = None  # (n,) bool: the sample's image lies nearer another class's input-space
+                                             # centroid than its own class's
 
 
 @dataclass
