@@ -204,3 +204,12 @@ def test_the_audit_fingerprint_ignores_comments_and_docstrings_but_not_code():
     assert bench.code_only(module) == bench.code_only(reworded) != bench.code_only(changed)
     only_a_docstring = 'def g():\n    """Nothing else."""\n'
     assert bench.code_only(only_a_docstring) != bench.code_only('def g():\n    return 1\n')
+
+
+def test_an_audit_change_keeps_only_the_rows_that_do_not_read_the_audit():
+    rows = {name: {"flagged": 1} for name in bench.ROWS}
+    previous = {"suspect": {"key": "k"}, "fingerprint": {"audit_params": {"layer": "penultimate"}}, "rows": rows}
+    assert set(bench.audit_free_rows(previous, "k", "penultimate")) == {"art_spectral", "art_clustering", "perfect"}
+    assert bench.audit_free_rows(previous, "another suspect", "penultimate") == {}
+    assert bench.audit_free_rows(previous, "k", "last_conv") == {}
+    assert bench.audit_free_rows(None, "k", "penultimate") == {}
