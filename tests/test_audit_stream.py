@@ -181,7 +181,7 @@ def test_a_dataloader_of_float_images_is_a_stream():
 def test_the_streams_default_methods_come_from_the_registry():
     """Every registered method but SPECTRE (it reads `rank` coordinates per sample), in the registry's order."""
     assert STREAM_METHODS == tuple(name for name, method in registry().items() if method.streams_by_default)
-    assert STREAM_METHODS == ("filter", "spectral", "clustering")
+    assert STREAM_METHODS == ("dirty_label", "filter", "spectral", "clustering")
 
 
 def test_stream_needs_two_identical_passes():
