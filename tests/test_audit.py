@@ -350,6 +350,7 @@ def test_input_distances_by_hand():
     distances = input_distances(inputs, labels, 3)
     assert torch.allclose(distances.own, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))
     assert torch.allclose(distances.nearest_other, torch.tensor([11.0, 9.0, 9.0, 11.0, 19.0]))
+    assert distances.nearest_other_class.tolist() == [1, 1, 0, 0, 1]
 
 
 # ----------------------------------------------------------- filtering parts

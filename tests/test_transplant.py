@@ -165,3 +165,25 @@ def test_a_backdoor_learned_in_part_is_reported_and_not_decided(poisons):
     assert not entry["transplant"]["decides"] and WEAK_FLIP <= entry["transplant"]["flip_rate"] < FLIP_MIN
     assert entry["transplant"]["poisons"] == 0 and entry["verdict"] != CLEAN
     assert all(c["transplant"] is None for c in result.classes[1:])
+
+
+def test_poisons_the_features_do_not_set_apart_are_found_among_the_members_that_look_like_their_source():
+    """Features with no trace of the backdoor (random: no split, nothing isolated), as when a model keeps
+    dirty-label poisons inside their new class: the members of the target class whose images look like class 3
+    (their source) carry a pattern that moves the threes to the target; every poison is flagged."""
+    generator = torch.Generator().manual_seed(2)
+    images, labels, _, model = planted_set(0, anywhere=False)
+    threes = torch.nonzero(labels == 3).flatten()[:20]
+    images[threes, :, PATCH[0], PATCH[1]] = 255
+    labels[threes] = TARGET
+    is_poison = torch.zeros(len(labels), dtype=torch.bool)
+    is_poison[threes] = True
+    data = InMemoryDataset(images, labels, [f"k{i}" for i in range(len(labels))], [str(c) for c in range(CLASSES)])
+    features = torch.randn(len(labels), 12, generator=generator)
+    result = run_audit(features, images.flatten(1).float() / 255, labels, CLASSES, methods=("transplant", "filter"),
+                       rank=8, filter_rank=4, generator=torch.Generator().manual_seed(0),
+                       probe=probe_of(model, data, seed=0))
+    entry = result.classes[TARGET]
+    assert entry["verdict"] == POISONED and entry["transplant"]["group"] == "the members that look like class 3"
+    assert entry["transplant"]["receiving_class"] == 3
+    assert torch.equal(result.removed, is_poison)

@@ -124,8 +124,9 @@ def oriented_scores(split: Split, poison: torch.Tensor) -> torch.Tensor:
 class InputDistances:
     """Each sample's input-space distance to its own class's centroid and to the nearest other class's."""
 
-    own: torch.Tensor            # (N,)
-    nearest_other: torch.Tensor  # (N,)
+    own: torch.Tensor                  # (N,)
+    nearest_other: torch.Tensor        # (N,)
+    nearest_other_class: torch.Tensor  # (N,) int64, that class
 
 
 def input_distances(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> InputDistances:
@@ -148,7 +149,8 @@ def centroid_distances(inputs: torch.Tensor, labels: torch.Tensor, centroids: to
     own = distance[rows, labels].clone()
     distance[:, ~present] = float("inf")
     distance[rows, labels] = float("inf")
-    return InputDistances(own, distance.min(1).values)
+    nearest = distance.min(1)
+    return InputDistances(own, nearest.values, nearest.indices)
 
 
 def separation_scale(separations: torch.Tensor) -> tuple[float, float]:

@@ -275,8 +275,9 @@ def class_view(label: int, count: int, pca_of: Callable[[int], ClassPCA], distan
         return None
     split = best_split(pca.coords[:, :options.filter_rank], generator)
     nearest_other = distances.nearest_other[pca.index]
-    return ClassView(label, pca, split, poison_side(split, nearest_other), probe=probe,
-                     looks_other=nearest_other < distances.own[pca.index])
+    looks_like = torch.where(nearest_other < distances.own[pca.index], distances.nearest_other_class[pca.index],
+                             label)
+    return ClassView(label, pca, split, poison_side(split, nearest_other), probe=probe, looks_like=looks_like)
 
 
 def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, torch.Tensor],

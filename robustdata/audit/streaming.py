@@ -24,8 +24,8 @@ STREAM_METHODS are the registered methods with streams_by_default. SPECTRE
 runs only when asked for (it is left out of them): it reads
 `rank` (64) coordinates per sample instead of 16, so N * rank floats. Memory:
 classes * D^2 * 8 bytes of scatter matrices (10 classes at D = 1024: 80 MB;
-too much for 1000 classes of a 2048-dim layer), N * (4 q + 16 + 9 m) bytes of
-coordinates, labels, the two input-space distances and the m methods' scores and flags, and one batch of
+too much for 1000 classes of a 2048-dim layer), N * (4 q + 24 + 9 m) bytes of
+coordinates, labels, the input-space distances and nearest class and the m methods' scores and flags, and one batch of
 activations.
 
 Time is linear in N: two inference passes, a (b_c, D) x (D, D) product per
@@ -318,7 +318,8 @@ def _second_pass(model: nn.Module, iterator: Iterator, moments: _Moments,
     n = len(moments.labels)
     width = max((d.shape[1] for d, _ in bases.values()), default=0)
     coords = torch.zeros(n, width, device=device)
-    distances = InputDistances(torch.zeros(n, device=device), torch.zeros(n, device=device))
+    distances = InputDistances(torch.zeros(n, device=device), torch.zeros(n, device=device),
+                               torch.zeros(n, dtype=torch.int64, device=device))
     skew = {label: torch.zeros(d.shape[1], dtype=torch.float64, device=device) for label, (d, _) in bases.items()}
     projections = {label: (moments.mean[label].float(), d.float()) for label, (d, _) in bases.items()}
     centroids, present = None, None
@@ -333,6 +334,7 @@ def _second_pass(model: nn.Module, iterator: Iterator, moments: _Moments,
         batch = centroid_distances(inputs, labels, centroids, present)
         distances.own[offset:offset + len(labels)] = batch.own
         distances.nearest_other[offset:offset + len(labels)] = batch.nearest_other
+        distances.nearest_other_class[offset:offset + len(labels)] = batch.nearest_other_class
         features = _features(model, images, layer)
         for label in torch.unique(labels).tolist():
             if label not in projections:

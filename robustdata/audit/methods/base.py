@@ -63,8 +63,8 @@ class ClassView:
     side: torch.Tensor   # (n,) bool, the samples taken for the poisons: a side of `split`
                          # (filtering.poison_side) unless a method decided otherwise (ClassScores.side)
     probe: Probe | None = None
-    looks_other: torch.Tensor | None = None  # (n,) bool: the sample's image lies nearer another class's input-space
-                                             # centroid than its own class's
+    looks_like: torch.Tensor | None = None  # (n,) int64: the class whose input-space centroid the sample's image
+                                            # lies nearest (its own label, or the nearest other class)
 
 
 @dataclass

@@ -9,7 +9,7 @@ natural sub-style of a class shows together:
   best split is clear, D > SPLIT_MIN_SEPARATION (clean MNIST classes: D 2.9-4.2,
   20k images, 5 model seeds);
 - in input space they still look like their source classes: each image lies
-  nearer another class's centroid than its own class's (ClassView.looks_other).
+  nearer another class's centroid than its own class's (ClassView.looks_like).
 
 Candidates: both sides of the class's best split, and the smaller cluster of a
 2-means of its top principal coordinates (activation clustering's split: an
@@ -69,9 +69,9 @@ class DirtyLabel(Method):
         return DIMS
 
     def score(self, view: ClassView, options: AuditOptions, generator: torch.Generator) -> ClassScores | None:
-        if view.looks_other is None:
+        if view.looks_like is None:
             return None
-        looks_other = view.looks_other
+        looks_other = view.looks_like != view.label
         none = torch.zeros(len(looks_other), dtype=torch.bool, device=looks_other.device)
         best = None
         if view.split.separation > SPLIT_MIN_SEPARATION:
