@@ -37,11 +37,11 @@ from robustdata.audit.clustering import activation_clustering, two_means
 from robustdata.audit.filtering import Split, best_split, input_distances, poison_side, split_1d
 import robustdata.audit.methods as audit_methods
 from robustdata.audit.methods import get_method, method_names, register, registry
-from robustdata.audit.methods.base import Method
+from robustdata.audit.methods.base import AuditOptions, ClassScores, ClassView, Method
 from robustdata.audit.metrics import auprc, auroc, confusion, detection_metrics, recall_at_budget
-from robustdata.audit.scoring import METHODS, AuditResult, judge_classes, run_audit
+from robustdata.audit.scoring import METHODS, AuditResult, judge_classes, run_audit, score_class
 from robustdata.audit.verdicts import overall_verdict
-from robustdata.audit.spectral import class_pca, spectral_signature_scores, top_principal
+from robustdata.audit.spectral import ClassPCA, class_pca, spectral_signature_scores, top_principal
 from robustdata.audit.spectre import moments, que_scores, que_weights, robust_moments, spectre_scores, whiten
 from robustdata.config import AuditMethod, AuditParams
 from robustdata.errors import RobustDataError
@@ -874,3 +874,28 @@ def test_audit_runs_on_cuda_and_agrees_with_cpu():
     assert [c["poisoned"] for c in result.classes] == [c["poisoned"] for c in cpu.classes]
     assert torch.equal(result.removed.cpu(), cpu.removed)
     assert confusion(result.removed.cpu(), data.is_poison)["tpr"] >= 0.99
+
+
+def test_decisions_of_the_poisons_replace_the_input_space_guess_and_add_up():
+    """The first method that decides which samples are the poisons replaces the split's input-space guess; a
+    later one adds its own (a sample of the poisons must not shrink a complete group another test found)."""
+    n = 8
+    guess, first, second = (torch.tensor(bits, dtype=torch.bool) for bits in
+                            ([1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0]))
+
+    class Decides(Method):
+        def __init__(self, side):
+            self.side = side
+
+        def score(self, view, options, generator):
+            return ClassScores(torch.zeros(n, dtype=torch.float64), self.side.clone(), side=self.side)
+
+    pca = ClassPCA(torch.arange(n), torch.randn(n, 2, dtype=torch.float64), torch.ones(2), torch.zeros(2),
+                   torch.eye(2), 2.0)
+    split = Split("principal", 3.0, pca.coords[:, 0], guess.clone())
+    view = ClassView(0, pca, split, guess.clone())
+    methods = {"first": Decides(first), "second": Decides(second)}
+    scores = {name: torch.zeros(n, dtype=torch.float64) for name in methods}
+    flagged = {name: torch.zeros(n, dtype=torch.bool) for name in methods}
+    assert score_class(view, methods, scores, flagged, {}, AuditOptions(), torch.Generator())
+    assert torch.equal(view.side, first | second) and view.decided

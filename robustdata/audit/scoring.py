@@ -290,8 +290,12 @@ def score_class(view: ClassView, selected: dict[str, Method], scores: dict[str, 
         result = method.score(view, options, generator)
         if result is not None:
             results[name] = result
-            if result.side is not None:  # the method decided which samples are the poisons (transplant)
-                view.side = result.side
+            if result.side is not None:  # the method decided which samples are the poisons
+                # the first decision replaces the input-space guess; later ones add to it: a test that decides
+                # on a sample of the poisons (the transplant test's carriers) must not shrink a complete group
+                # another test decided (Blended 5%: 115 carriers against the dirty-label test's 1,017)
+                view.side = view.side | result.side if view.decided else result.side
+                view.decided = True
     failed = [name for name, result in results.items() if not torch.isfinite(result.scores).all()]
     if not math.isfinite(view.split.separation):
         failed.insert(0, "split")

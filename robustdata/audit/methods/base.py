@@ -65,6 +65,7 @@ class ClassView:
     probe: Probe | None = None
     looks_like: torch.Tensor | None = None  # (n,) int64: the class whose input-space centroid the sample's image
                                             # lies nearest (its own label, or the nearest other class)
+    decided: bool = False  # some method decided which samples are the poisons: `side` is the union of their sides
 
 
 @dataclass
