@@ -63,7 +63,7 @@ LOOKS_OTHER_GAP = 0.5  # ... and by how much more than the rest of the class
 @register
 class DirtyLabel(Method):
     name = "dirty_label"
-    order = 4  # before the transplant test, whose decision of the side (when it decides) prevails
+    order = 4  # before the transplant test: its decision replaces the input-space guess, the transplant test's adds
 
     def coordinates(self, options: AuditOptions) -> int:
         return DIMS

@@ -47,7 +47,7 @@ class Candidate:
 @register
 class Transplant(Method):
     name = "transplant"
-    order = 5                  # first: its decision of the side is what the filter and the others read
+    order = 5                  # early: its decision of the side (with the dirty-label test's) is what the filter reads
     streams_by_default = False  # needs the images and the model
 
     def coordinates(self, options: AuditOptions) -> int:
